@@ -1,0 +1,109 @@
+"""Shared test helpers: tiny Gemma-2-shaped models written as real safetensors files."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+TINY = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "vocab_size": 96,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "query_pre_attn_scalar": 16,
+    "sliding_window": 8,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 64,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "float32",
+}
+
+
+def shapes(cfg: dict = TINY) -> dict[str, tuple[int, ...]]:
+    from warpmerge.demo import gemma2_shapes
+
+    return gemma2_shapes(cfg)
+
+
+def random_model(seed: int, cfg: dict = TINY) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=g) * 0.1 for k, s in shapes(cfg).items()}
+
+
+def perturb(model: dict[str, torch.Tensor], seed: int, scale: float = 0.01,
+            skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """A checkpoint drifted from `model`; tensors named in `skip` stay exactly equal."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in model.items():
+        noise = torch.randn(v.shape, generator=g)
+        out[k] = v.clone() if k in skip else v + scale * noise
+    return out
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict = TINY,
+                dtype: torch.dtype = torch.float32, shards: int = 1) -> Path:
+    """Save as model.safetensors, or as `shards` files with an index, like transformers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+               for k, v in tensors.items()}
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        names = list(tensors)
+        per = -(-len(names) // shards)
+        weight_map = {}
+        for i in range(shards):
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: tensors[k] for k in names[i * per:(i + 1) * per]}
+            save_file(part, str(folder / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in part})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    cfg = dict(cfg, torch_dtype=str(dtype).removeprefix("torch."))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def load_model(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch,
+            capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """Run `warpmerge ARGS` in-process through the real entry point; (code, stdout, stderr)."""
+    from warpmerge.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["warpmerge", *args])
+    monkeypatch.delenv("WARPMERGE_DEBUG", raising=False)
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -1,0 +1,257 @@
+"""The engine's output against a float64 reference written here, independently of the engine.
+
+The reference follows the spec's formulas literally: the EMA is stepped checkpoint by
+checkpoint, task vectors are flattened per group and slerped as vectors, then LITI.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_model, perturb, random_model, write_model
+
+import warpmerge
+from warpmerge.config import build_config
+
+# --- the independent float64 reference -----------------------------------------------------
+
+
+def ref_ema(init, ckpts, mu, every, start, use):
+    if len(ckpts) == 1 or use == "last":
+        return ckpts[-1]
+    mu_e = 1 - (1 - mu) ** every
+    ema = ckpts[0] if start == "first" else init
+    for c in ckpts[1:] if start == "first" else ckpts:
+        ema = (1 - mu_e) * ema + mu_e * c
+    return ema
+
+
+def ref_group_key(name, granularity):
+    if granularity == "model":
+        return "all"
+    m = re.match(r"(.*layers\.\d+)\.", name)
+    return m.group(1) if granularity == "layer" and m else name
+
+
+def ref_slerp(x, y, lam, zero_sq):
+    nx, ny = x.dot(x).item(), y.dot(y).item()
+    if nx <= zero_sq or ny <= zero_sq:
+        return (1 - lam) * x + lam * y
+    cos = max(-1.0, min(1.0, x.dot(y).item() / math.sqrt(nx * ny)))
+    om = math.acos(cos)
+    if math.sin(om) < 1e-6:
+        return (1 - lam) * x + lam * y
+    return (math.sin((1 - lam) * om) * x + math.sin(lam * om) * y) / math.sin(om)
+
+
+def reference(init, runs, *, mu=0.01, every=1, start="init", use="ema",
+              granularity="layer", weights=None, lam=None, etas=(0.3,)):
+    init = {k: v.double() for k, v in init.items()}
+    runs = [[{k: v.double() for k, v in c.items()} for c in run] for run in runs]
+    names = list(init)
+    P = [{k: ref_ema(init[k], [c[k] for c in run], mu, every, start, use) for k in names}
+         for run in runs]
+    groups = {}
+    for k in names:
+        groups.setdefault(ref_group_key(k, granularity), []).append(k)
+    weights = weights or [1.0] * len(runs)
+    merged = {}
+    for keys in groups.values():
+        flat_init = torch.cat([init[k].flatten() for k in keys])
+        deltas = [torch.cat([(p[k] - init[k]).flatten() for k in keys]) for p in P]
+        zero_sq = (1e-6) ** 2 * flat_init.dot(flat_init).item()
+        r, total = deltas[0], weights[0]
+        for m in range(1, len(deltas)):
+            total += weights[m]
+            lam_m = lam if lam is not None else weights[m] / total
+            r = ref_slerp(r, deltas[m], lam_m, zero_sq)
+        offset = 0
+        for k in keys:
+            n = init[k].numel()
+            merged[k] = r[offset:offset + n].view(init[k].shape)
+            offset += n
+    return [{k: init[k] + eta * merged[k] for k in names} for eta in etas]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def make_setup(tmp_path: Path, n_runs: int, n_ckpts: list[int], dtype=torch.float32,
+               shards: int = 1, skip: tuple[str, ...] = ()):
+    init = random_model(0)
+    write_model(tmp_path / "init", init, dtype=dtype, shards=shards)
+    runs = []
+    for r in range(n_runs):
+        cur, run = init, []
+        for t in range(n_ckpts[r]):
+            cur = perturb(cur, seed=100 * r + t + 1, scale=0.02, skip=skip)
+            write_model(tmp_path / f"run{r}" / f"step-{(t + 1) * 10}", cur, dtype=dtype,
+                        shards=shards)
+            run.append({k: v.to(dtype) for k, v in cur.items()})
+        runs.append(run)
+    return {k: v.to(dtype) for k, v in init.items()}, runs
+
+
+def config_for(tmp_path: Path, n_runs: int, **kw):
+    policies = [{"checkpoints": f"run{r}/step-*"} | kw.pop(f"policy{r}", {})
+                for r in range(n_runs)]
+    cfg = build_config(init="init", policies=policies, **kw)
+    return cfg.with_base_dir(tmp_path)
+
+
+def assert_matches(out_dir: Path, ref: dict, dtype: torch.dtype):
+    got = load_model(out_dir)
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        assert got[k].dtype == dtype, k
+        if dtype == torch.float32:
+            torch.testing.assert_close(got[k].double(), v, rtol=2e-6, atol=2e-7, msg=k)
+        else:  # one rounding to bf16 of a float32 result: within one bf16 ulp
+            torch.testing.assert_close(got[k].double(), v, rtol=2**-7, atol=1e-6, msg=k)
+
+
+CASES = [
+    # (runs, checkpoints per run, granularity, etas, out dtype, input shards, ema options)
+    (1, [3], "layer", [0.3], None, 1, {}),
+    (2, [3, 2], "layer", [0.0, 0.3, 1.5], None, 1, {}),
+    (2, [1, 4], "tensor", [1.0], "bfloat16", 2, {"mu": 0.3, "every": 2}),
+    (3, [2, 3, 1], "model", [0.5, 2.0], "float32", 3, {"mu": 0.1, "start": "first"}),
+    (3, [4, 1, 2], "layer", [0.7], "bfloat16", 1, {"use": "last"}),
+    (2, [2, 2], "model", [0.3], None, 2, {"mu": 1.0}),
+]
+
+
+@pytest.mark.parametrize("n_runs,n_ckpts,gran,etas,out_dtype,shards,ema", CASES)
+def test_engine_matches_float64_reference(tmp_path, n_runs, n_ckpts, gran, etas, out_dtype,
+                                          shards, ema):
+    init, runs = make_setup(tmp_path, n_runs, n_ckpts, shards=shards)
+    ema_kw = {"mu": 0.05, "every": 3} | ema
+    weights = [1.0, 2.0, 0.5][:n_runs]
+    cfg = config_for(
+        tmp_path, n_runs, ema=ema_kw, slerp={"granularity": gran}, liti={"eta": etas},
+        output={"path": "out", "dtype": out_dtype, "shard_size": "20KB"},
+        **{f"policy{r}": {"weight": weights[r]} for r in range(n_runs)},
+    )
+    result = warpmerge.run(cfg)
+    refs = reference(init, runs, granularity=gran, etas=etas, weights=weights,
+                     **{k: v for k, v in ema_kw.items()})
+    assert len(result.outputs) == len(etas)
+    for out_dir, ref in zip(result.outputs, refs, strict=True):
+        assert_matches(out_dir, ref, getattr(torch, out_dtype or "float32"))
+
+
+def test_bfloat16_inputs_default_to_bfloat16_output(tmp_path):
+    init, runs = make_setup(tmp_path, 2, [2, 2], dtype=torch.bfloat16)
+    cfg = config_for(tmp_path, 2, output={"path": "out"}, liti={"eta": [0.0, 0.6]},
+                     ema={"mu": 0.2})
+    result = warpmerge.run(cfg)
+    refs = reference(init, runs, mu=0.2, etas=[0.0, 0.6])
+    for out_dir, ref in zip(result.outputs, refs, strict=True):
+        assert_matches(out_dir, ref, torch.bfloat16)
+    # eta = 0 gives the init back bit for bit
+    got = load_model(result.outputs[0])
+    assert all(torch.equal(got[k], v) for k, v in init.items())
+
+
+def test_explicit_lambda_and_tensor_granularity_equal_public_slerp(tmp_path):
+    init, runs = make_setup(tmp_path, 2, [1, 1])
+    cfg = config_for(tmp_path, 2, slerp={"granularity": "tensor", "lambda": 0.3},
+                     liti={"eta": 0.8}, output={"path": "out"})
+    result = warpmerge.run(cfg)
+    got = load_model(result.outputs[0])
+    for k, v in init.items():
+        deltas = [runs[0][0][k].double() - v.double(), runs[1][0][k].double() - v.double()]
+        expected = v.double() + 0.8 * warpmerge.slerp(deltas, lam=0.3, init=v.double())
+        torch.testing.assert_close(got[k].double(), expected, rtol=2e-6, atol=2e-7, msg=k)
+
+
+def test_unchanged_tensor_gives_exact_zero_task_vector(tmp_path):
+    """A tensor no run touched stays the init's, and its group falls back to LERP."""
+    skip = ("model.norm.weight",)
+    init, runs = make_setup(tmp_path, 2, [3, 3], skip=skip)
+    cfg = config_for(tmp_path, 2, liti={"eta": 1.0}, output={"path": "out"})
+    result = warpmerge.run(cfg)
+    got = load_model(result.outputs[0])
+    assert torch.equal(got["model.norm.weight"], init["model.norm.weight"])
+    norm_group = next(g for g in result.groups if g.name == "model.norm.weight")
+    assert norm_group.chain[0].mode == "lerp" and norm_group.chain[0].cos_omega is None
+
+
+def test_tied_lm_head_in_some_inputs(tmp_path):
+    """An init with lm_head and a checkpoint without it (tied): the embedding stands in."""
+    init = random_model(0)
+    init["lm_head.weight"] = init["model.embed_tokens.weight"].clone()
+    write_model(tmp_path / "init", init)
+    ck = perturb(init, 1)
+    ck_tied = {k: v for k, v in ck.items() if k != "lm_head.weight"}
+    write_model(tmp_path / "run0" / "step-1", ck_tied)
+    cfg = config_for(tmp_path, 1, liti={"eta": 1.0}, output={"path": "out"})
+    got = load_model(warpmerge.run(cfg).outputs[0])
+    assert torch.allclose(got["lm_head.weight"], ck["model.embed_tokens.weight"])
+    # and the other way round: a tied init drops a checkpoint's explicit lm_head
+    write_model(tmp_path / "init2", ck_tied)
+    write_model(tmp_path / "run1" / "step-1", init)
+    cfg2 = build_config(init="init2", policies=[{"checkpoints": ["run1/step-1"]}],
+                        output={"path": "out2"}).with_base_dir(tmp_path)
+    got2 = load_model(warpmerge.run(cfg2).outputs[0])
+    assert "lm_head.weight" not in got2
+
+
+def test_non_float_tensors_are_copied_from_init(tmp_path):
+    init = random_model(0)
+    init["model.position_ids"] = torch.arange(10, dtype=torch.int64)
+    write_model(tmp_path / "init", {k: v for k, v in init.items()})
+    ck = perturb({k: v for k, v in init.items() if v.is_floating_point()}, 1)
+    ck["model.position_ids"] = torch.arange(10, dtype=torch.int64)
+    write_model(tmp_path / "run0" / "step-1", ck)
+    cfg = config_for(tmp_path, 1, output={"path": "out", "dtype": "bfloat16"})
+    got = load_model(warpmerge.run(cfg).outputs[0])
+    assert got["model.position_ids"].dtype == torch.int64
+    assert torch.equal(got["model.position_ids"], init["model.position_ids"])
+
+
+def test_ema_save_writes_each_runs_ema(tmp_path):
+    init, runs = make_setup(tmp_path, 2, [3, 2])
+    cfg = config_for(tmp_path, 2, ema={"mu": 0.3, "save": "emas"}, output={"path": "out"},
+                     policy0={"name": "alpha"}, policy1={"name": "beta"})
+    result = warpmerge.run(cfg)
+    assert [p.name for p in result.ema_outputs] == ["alpha", "beta"]
+    for path, run in zip(result.ema_outputs, runs, strict=True):
+        got = load_model(path)
+        for k, v in init.items():
+            expected = ref_ema(v.double(), [c[k].double() for c in run], 0.3, 1, "init", "ema")
+            torch.testing.assert_close(got[k].double(), expected, rtol=2e-6, atol=2e-7)
+
+
+def big_setup(tmp_path: Path):
+    cfg = {"vocab_size": 1000, "hidden_size": 160, "intermediate_size": 320,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "head_dim": 80}
+    from conftest import TINY
+
+    full = dict(TINY, **cfg)
+    init = random_model(0, full)
+    write_model(tmp_path / "init", init, full, dtype=torch.bfloat16)
+    for r in range(2):
+        cur = init
+        for t in range(2):
+            cur = perturb(cur, 10 * r + t, 0.02)
+            write_model(tmp_path / f"run{r}" / f"step-{t}", cur, full, dtype=torch.bfloat16)
+
+
+def test_bit_identical_across_threads_and_chunk_sizes(tmp_path):
+    """Tensors of 160,000 elements span several 65,536-element chunks."""
+    big_setup(tmp_path)
+    cfg = config_for(tmp_path, 2, liti={"eta": [0.3, 1.2]}, output={"path": "out"})
+    digests = []
+    for threads, chunk, memory in [(1, None, None), (2, 1 << 16, None), (2, 3 << 16, 1 << 20)]:
+        out = tmp_path / f"o{threads}-{chunk}-{memory}"
+        warpmerge.run(cfg, out=out, threads=threads, chunk=chunk, max_memory=memory)
+        digests.append(sorted((p.relative_to(out).as_posix(), p.read_bytes())
+                              for p in out.rglob("*.safetensors")))
+    assert digests[0] == digests[1] == digests[2]
+    torch.set_num_threads(2)

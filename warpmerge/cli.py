@@ -1,0 +1,112 @@
+"""The `warpmerge` command line: parsing, messages and exit codes, nothing else.
+
+Heavy modules (torch, the engine) are imported inside the commands, so `--help` and
+`--version` start fast and a user error costs no torch import.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="WARP merging of RL fine-tuned LLM checkpoints: EMA, SLERP of task vectors, LITI.",
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"warpmerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    if debug:
+        os.environ["WARPMERGE_DEBUG"] = "1"
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The merge config (YAML).")],
+    out: Annotated[Path | None, typer.Option("--out", help="Output path (overrides output.path).")]
+    = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan only.")]
+    = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")]
+    = False,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Compute threads.")]
+    = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    chunk_size: Annotated[int | None, typer.Option(
+        "--chunk-size", min=1, help="Elements per streamed chunk (rounded to 65536).")] = None,
+    max_memory: Annotated[str | None, typer.Option(
+        "--max-memory", help="Memory budget, e.g. 4GB (default: a quarter of free RAM).")] = None,
+) -> None:
+    """Merge as CONFIG says: EMA per run, SLERP across runs, LITI per eta."""
+    from .config import load_config, parse_size
+    from .engine import describe_plan, execute, plan_merge
+    from .errors import ConfigError
+
+    cfg = load_config(config)
+    budget = None
+    if max_memory is not None:
+        try:
+            budget = parse_size(max_memory, "--max-memory")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    plan = plan_merge(cfg, out, force=force, progress=not quiet, dry_run=dry_run,
+                      chunk=chunk_size, max_memory=budget)
+    if dry_run:
+        typer.echo(describe_plan(plan))
+        typer.echo("Dry run: nothing written.")
+        return
+    result = execute(plan, quiet=quiet, threads=threads)
+    for path in result.outputs + result.ema_outputs:
+        typer.echo(str(path))
+    if not quiet:
+        typer.echo(f"Merged {len(plan.inputs)} models in {result.seconds:.1f} s.", err=True)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path | None, typer.Option("--out", help="Where to build the demo.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Build a small synthetic WARP setup, merge it, check it and say what happened."""
+    from .demo import run_demo
+
+    run_demo(out, quiet=quiet)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Console entry point: one line on stderr and the contract's exit code for our errors."""
+    from .errors import WarpError
+
+    signal.signal(signal.SIGTERM, _terminate)
+    debug = os.environ.get("WARPMERGE_DEBUG") == "1" or "--debug" in sys.argv
+    try:
+        app()  # click handles usage errors (exit 2) and Ctrl-C (exit 1) itself
+    except WarpError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)

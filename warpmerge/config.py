@@ -1,0 +1,363 @@
+"""The merge config: a strict schema for warp.yaml, and its loader.
+
+Strict because a merge of a 27B model runs for a long time: a typo such as `mu_: 0.1` that a
+lenient tool would silently ignore costs the user an hour and a wrong model. Every unknown key,
+wrong type and out-of-range value is an error that names the key, with its line in the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .errors import ConfigError
+
+DTYPES = ("bfloat16", "float16", "float32")
+GLOB_CHARS = re.compile(r"[*?\[]")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+SIZE_UNITS = {
+    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_size(value: int | str, what: str = "size") -> int:
+    """'5GB' -> 5_000_000_000 (decimal, as transformers); 'GiB' units are binary."""
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number of bytes or a string like '5GB'")
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in SIZE_UNITS:
+            raise ValueError(f"{what} must be like '5GB', '500MB' or a number of bytes")
+        number, unit = float(m.group(1)), m.group(2).upper()
+    size = int(number * SIZE_UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{what} must be greater than 0")
+    return size
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that puts step-2 before step-10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def format_eta(eta: float) -> str:
+    """Folder-name form of an η value: 0.3 -> '0.3', 1.0 -> '1'."""
+    return f"{eta:g}"
+
+
+class _Strict(BaseModel):
+    """Rejects unknown keys with a did-you-mean suggestion (pydantic's own message has none)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unknown_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = sorted(f.alias or name for name, f in cls.model_fields.items())
+            for key in data:
+                if key not in known and key not in cls.model_fields:
+                    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.5)
+                    hint = f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(
+                        known
+                    )
+                    raise PydanticCustomError(
+                        "unknown_key", "unknown key ({hint})", {"key": str(key), "hint": hint}
+                    )
+        return data
+
+
+class Policy(_Strict):
+    """One RL run: its checkpoints, oldest first, and its SLERP weight."""
+
+    name: str | None = None
+    checkpoints: list[str] | str
+    weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, v: str | None) -> str | None:
+        if v is not None and not RUN_NAME.match(v):
+            raise ValueError("run names may use letters, digits, '.', '_' and '-' only")
+        return v
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
+        if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
+            raise ValueError("a run needs at least one checkpoint")
+        return v
+
+
+class Ema(_Strict):
+    """Stage 1: the EMA of each run's checkpoints."""
+
+    mu: float = Field(default=0.01, gt=0, le=1, allow_inf_nan=False)
+    every: int = Field(default=1, ge=1)
+    start: Literal["init", "first"] = "init"
+    use: Literal["ema", "last"] = "ema"
+    save: str | None = None
+
+
+class Slerp(_Strict):
+    """Stage 2: which tensors share one SLERP angle, and the interpolation factor."""
+
+    granularity: Literal["layer", "tensor", "model"] = "layer"
+    lam: float | None = Field(default=None, alias="lambda", ge=0, le=1, allow_inf_nan=False)
+
+
+class Liti(_Strict):
+    """Stage 3: one output model per η."""
+
+    eta: list[float] = Field(default_factory=lambda: [0.3])
+
+    @field_validator("eta", mode="before")
+    @classmethod
+    def _as_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int | float) and not isinstance(v, bool) else v
+
+    @field_validator("eta")
+    @classmethod
+    def _finite_unique(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one eta value")
+        if any(not math.isfinite(x) for x in v):
+            raise ValueError("eta values must be finite numbers")
+        if len({format_eta(x) for x in v}) != len(v):
+            raise ValueError("eta values must be distinct")
+        return v
+
+
+class PushToHub(_Strict):
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise ValueError("repo_id must look like 'user/name'")
+        return v
+
+
+class Output(_Strict):
+    path: str | None = None
+    dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    shard_size: int = 5 * 10**9
+    copy_tokenizer: bool = True
+    push_to_hub: PushToHub | None = None
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        if not isinstance(v, int | str) or isinstance(v, bool):
+            raise ValueError("shard_size must be a number of bytes or a string like '5GB'")
+        return parse_size(v, "shard_size")
+
+
+class Check(_Strict):
+    prompts: list[str] | None = None
+    max_new_tokens: int = Field(default=32, ge=1, le=4096)
+
+
+class WarpConfig(_Strict):
+    """A whole merge. Build it from YAML with `load_config`, or directly from Python.
+
+    Relative paths are resolved against `base_dir` (the config file's folder; the current
+    directory for configs built in Python).
+    """
+
+    init: str
+    policies: list[Policy] = Field(min_length=1)
+    ema: Ema = Field(default_factory=Ema)
+    slerp: Slerp = Field(default_factory=Slerp)
+    liti: Liti = Field(default_factory=Liti)
+    output: Output = Field(default_factory=Output)
+    check: Check | None = None
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> WarpConfig:
+        names = self.run_names
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise PydanticCustomError(
+                    "duplicate_run", "duplicate run name '{name}'", {"name": name}
+                )
+        if self.slerp.lam is not None and len(self.policies) != 2:
+            raise PydanticCustomError(
+                "lambda_runs",
+                "slerp.lambda needs exactly 2 runs (got {n}); use per-run weights instead",
+                {"n": len(self.policies)},
+            )
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        return self._base_dir
+
+    def with_base_dir(self, base_dir: Path) -> WarpConfig:
+        self._base_dir = Path(base_dir).resolve()
+        return self
+
+    @property
+    def run_names(self) -> list[str]:
+        return [p.name or f"run-{i + 1}" for i, p in enumerate(self.policies)]
+
+    def resolve_path(self, ref: str) -> Path:
+        path = Path(ref).expanduser()
+        return path if path.is_absolute() else self._base_dir / path
+
+    def checkpoint_refs(self, index: int) -> list[str]:
+        """The checkpoints of run `index`, with a glob expanded and naturally sorted."""
+        spec = self.policies[index].checkpoints
+        refs = [spec] if isinstance(spec, str) else list(spec)
+        out: list[str] = []
+        for ref in refs:
+            if GLOB_CHARS.search(ref):
+                pattern = str(self.resolve_path(ref))
+                matches = sorted((m for m in glob.glob(pattern) if Path(m).is_dir()), key=natural_key)
+                if not matches:
+                    raise ConfigError(
+                        f"{self.run_names[index]}: checkpoint glob '{ref}' matches no folder"
+                    )
+                out.extend(matches)
+            else:
+                out.append(ref)
+        return out
+
+    def output_dirs(self, out: Path | None = None) -> list[Path]:
+        """One folder per η: the path itself for one value, <path>/eta-<value> for several."""
+        root = self.output_root(out)
+        if len(self.liti.eta) == 1:
+            return [root]
+        return [root / f"eta-{format_eta(e)}" for e in self.liti.eta]
+
+    def output_root(self, out: Path | None = None) -> Path:
+        if out is not None:
+            return Path(out).resolve()
+        if self.output.path is None:
+            raise ConfigError("output.path: missing (set it in the config or pass --out)")
+        return self.resolve_path(self.output.path).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# --- YAML loading -------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads 1e-2 as a float (YAML 1.1 insists on '1.0e-2')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _key_lines(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map each key path, e.g. ('policies', 1, 'weight'), to its 1-based line in the file."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = path + (key.value,)
+            lines[sub] = key.start_mark.line + 1
+            lines.update(_key_lines(value, sub))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = path + (i,)
+            lines[sub] = item.start_mark.line + 1
+            lines.update(_key_lines(item, sub))
+    return lines
+
+
+def _loc_text(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "config"
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop pydantic's union-branch markers such as 'list[str]' or 'function-before[...]'."""
+    return tuple(p for p in loc if isinstance(p, int) or ("[" not in p and p != "str"))
+
+
+def describe_validation_error(
+    err: ValidationError, source: str, lines: dict[tuple, int] | None = None
+) -> str:
+    """One line for the first error: 'warp.yaml:7: ema.mu: must be ... (got 1.5)'."""
+    first = err.errors()[0]
+    loc = _clean_loc(first["loc"])
+    ctx = first.get("ctx") or {}
+    if first["type"] == "unknown_key":
+        loc = loc + (ctx["key"],)
+    msg = first["msg"].removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else msg
+    line = None
+    if lines:
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+    where = f"{source}:{line}" if line else source
+    got = ""
+    if first["type"] not in ("unknown_key", "missing") and not isinstance(first["input"], dict):
+        got = f" (got {first['input']!r})"
+    return f"{where}: {_loc_text(loc)}: {msg}{got}"
+
+
+def load_config(path: str | Path) -> WarpConfig:
+    """Read and validate warp.yaml; any problem is a ConfigError naming file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path.name}{line}: YAML syntax error: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path.name}: YAML error: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name}: expected a mapping of keys (init, policies, ...)")
+    try:
+        config = WarpConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = _key_lines(node) if node is not None else {}
+        raise ConfigError(describe_validation_error(exc, path.name, lines)) from None
+    return config.with_base_dir(path.resolve().parent)
+
+
+def build_config(**kwargs: Any) -> WarpConfig:
+    """WarpConfig from Python keyword arguments, with the same one-line errors as YAML."""
+    try:
+        return WarpConfig.model_validate(kwargs)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, "config")) from None

@@ -1,0 +1,264 @@
+"""Finding and opening checkpoints: local folders (or Hub snapshots), read lazily.
+
+Only safetensors headers are read up front; tensor bytes are read on demand with `pread` into
+buffers the caller owns, so no model, and no large tensor, is ever held whole. Headers are parsed
+here rather than by a library so that every offset, size and file name is checked before use:
+these files come from many places and must never make us read outside the model folder.
+Pickled checkpoints are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+# safetensors dtype code -> torch dtype. Floats are merged; the rest are copied from the init.
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 2**20
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+HEAD_NAME, EMBED_NAME = "lm_head.weight", "model.embed_tokens.weight"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes live: file, absolute byte offset, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    size: int
+    header_sha256: str
+
+
+@dataclass
+class Checkpoint:
+    """One model on disk: its tensors (in storage order) and where it came from."""
+
+    label: str  # how messages name it, e.g. "run-a checkpoint 2 (step-2000)"
+    ref: str  # what the user wrote
+    path: Path
+    tensors: dict[str, TensorInfo]
+    files: list[FileInfo]
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    download_bytes: int = 0
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+
+    def lookup(self, name: str) -> TensorInfo | None:
+        """The tensor, with an absent lm_head.weight meaning 'tied to the embedding'."""
+        info = self.tensors.get(name)
+        if info is None and name == HEAD_NAME:
+            info = self.tensors.get(EMBED_NAME)
+        return info
+
+    def read_into(self, info: TensorInfo, start: int, count: int, raw: bytearray) -> torch.Tensor:
+        """Elements [start, start+count) of a tensor, as a view on `raw` (no allocation)."""
+        size = info.dtype.itemsize
+        nbytes = count * size
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view = memoryview(raw)[:nbytes]
+        got = os.preadv(fd, [view], info.offset + start * size)
+        if got != nbytes:
+            raise InputError(f"{self.label}: {info.file.name} is truncated (reading {info.name})")
+        return torch.frombuffer(raw, dtype=info.dtype, count=count) if count else torch.empty(
+            0, dtype=info.dtype
+        )
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _inside(folder: Path, name: str, what: str, label: str, trust_links: bool) -> Path:
+    """The path of `name` in `folder`, refusing names and links that lead outside it."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or os.path.isabs(name):
+        raise InputError(f"{label}: {what} names a file outside the model folder: {name!r}")
+    path = folder / name
+    if not trust_links and path.is_symlink():
+        real, root = path.resolve(), folder.resolve()
+        if not real.is_relative_to(root):
+            raise InputError(f"{label}: {name} is a symlink leading outside the model folder")
+    return path
+
+
+def read_header(path: Path, label: str) -> tuple[dict[str, TensorInfo], FileInfo]:
+    """Parse and check one safetensors header; every tensor must lie inside the data region."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{label}: {path.name} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n + 8 > size:
+                raise InputError(f"{label}: {path.name} has a corrupt safetensors header")
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise InputError(f"{label}: missing file {path.name}") from None
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read {path.name}: {exc.strerror}") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InputError(f"{label}: {path.name} has a corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{label}: {path.name} has a corrupt safetensors header")
+    data_start, data_size = 8 + n, size - 8 - n
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        bad = f"{label}: {path.name}: tensor {name!r} has a corrupt header entry"
+        if not isinstance(entry, dict):
+            raise InputError(bad)
+        dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        if dtype is None:
+            raise InputError(f"{label}: {path.name}: tensor {name} has unsupported dtype "
+                             f"{entry.get('dtype')!r}")
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        if (not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(type(o) is int for o in offsets)):
+            raise InputError(bad)
+        begin, end = offsets
+        numel = 1
+        for s in shape:
+            numel *= s
+        if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+            raise InputError(f"{label}: {path.name}: tensor {name} lies outside the file "
+                             "(truncated or corrupt)")
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+    digest = hashlib.sha256(head + raw).hexdigest()
+    return tensors, FileInfo(path.name, size, digest)
+
+
+def open_checkpoint(path: Path, label: str, ref: str | None = None,
+                    trust_links: bool = False) -> Checkpoint:
+    """Open a model folder: `model.safetensors`, or the shards an index names."""
+    if not path.exists():
+        raise InputError(f"{label}: folder not found: {ref or path}")
+    if not path.is_dir():
+        raise InputError(f"{label}: not a folder: {ref or path}")
+    index_path = path / INDEX_FILE
+    if index_path.exists():
+        _inside(path, INDEX_FILE, "index", label, trust_links)
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
+            raise InputError(f"{label}: {INDEX_FILE} is not a valid index") from None
+        shard_names = list(dict.fromkeys(weight_map.values()))
+    elif (path / SINGLE_FILE).exists():
+        weight_map, shard_names = None, [SINGLE_FILE]
+    else:
+        others = sorted(p.name for p in path.glob("*.safetensors"))
+        if len(others) == 1:
+            weight_map, shard_names = None, others
+        elif any((path / name).exists() for name in PICKLE_FILES) or list(path.glob("*.bin")):
+            raise InputError(f"{label}: only pickled weights (.bin) in {ref or path}; warpmerge "
+                             "never loads pickles: convert them to safetensors first")
+        else:
+            raise InputError(f"{label}: no model.safetensors or {INDEX_FILE} in {ref or path}")
+    tensors: dict[str, TensorInfo] = {}
+    files: list[FileInfo] = []
+    for shard in shard_names:
+        if not isinstance(shard, str):
+            raise InputError(f"{label}: {INDEX_FILE} is not a valid index")
+        file_path = _inside(path, shard, INDEX_FILE, label, trust_links)
+        if not file_path.exists():
+            raise InputError(f"{label}: {INDEX_FILE} names a missing shard {shard}")
+        found, info = read_header(file_path, label)
+        files.append(info)
+        if weight_map is None:
+            tensors.update(found)
+        else:
+            for name, file in weight_map.items():
+                if file == shard:
+                    if name not in found:
+                        raise InputError(f"{label}: {INDEX_FILE} maps {name} to {shard}, "
+                                         "which does not contain it")
+                    tensors[name] = found[name]
+    ordered = dict(sorted(tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)))
+    return Checkpoint(label, ref or str(path), path, ordered, files)
+
+
+def _looks_local(ref: str, base_dir: Path) -> bool:
+    """A path-like ref ('./x', '/x', '~/x') or one whose first folder exists here is local."""
+    if ref.startswith((".", "/", "~")) or "\\" in ref:
+        return True
+    first = ref.split("/", 1)[0]
+    return (base_dir / first).is_dir()
+
+
+def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
+           dry_run: bool = False) -> Checkpoint:
+    """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
+    local = Path(ref).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    if local.exists() or _looks_local(ref, base_dir):
+        return open_checkpoint(local, label, ref)
+    from . import hub
+
+    parsed = hub.parse_repo_ref(ref)
+    if parsed is None:
+        raise InputError(f"{label}: folder not found: {ref}")
+    model = hub.fetch_model(parsed[0], parsed[1], progress=progress, dry_run=dry_run)
+    ckpt = open_checkpoint(model.path, label, ref, trust_links=True)
+    ckpt.repo_id, ckpt.revision, ckpt.commit = model.repo_id, model.revision, model.commit
+    ckpt.download_bytes = model.download_bytes
+    return ckpt
+
+
+def check_compatible(init: Checkpoint, other: Checkpoint, names: list[str]) -> None:
+    """Same tensor names, shapes and kinds as the init; report the first mismatch."""
+    for name in names:
+        a, b = init.tensors[name], other.lookup(name)
+        if b is None:
+            raise InputError(f"{other.label}: missing tensor {name} (present in the init)")
+        if a.shape != b.shape:
+            raise InputError(f"{other.label}: tensor {name} has shape {list(b.shape)}, "
+                             f"the init has {list(a.shape)}")
+        if a.is_float != b.is_float or (not a.is_float and a.dtype != b.dtype):
+            raise InputError(f"{other.label}: tensor {name} has dtype {DTYPE_CODES[b.dtype]}, "
+                             f"the init has {DTYPE_CODES[a.dtype]}")
+    extra = [n for n in other.tensors if n not in init.tensors and n != HEAD_NAME]
+    if extra:
+        raise InputError(f"{other.label}: unexpected tensor {extra[0]} (absent from the init)")
