@@ -103,8 +103,9 @@ CASES = {
     "every range": (edit_yaml("every: 2", "every: 0"), "ema.every"),
     "eta nan": (edit_yaml("[0.3, 1.0]", "[0.3, .nan]"), "liti.eta"),
     "weight range": (edit_yaml("name: a\n", "name: a\n    weight: 0\n"), "policies[0].weight"),
-    "lambda with 3 runs": (edit_yaml("ema:", "  - checkpoints: [run-a/step-1]\nslerp: {lambda: 0.5}\nema:"),
-                           "slerp.lambda needs exactly 2 runs"),
+    "lambda with 3 runs": (
+        edit_yaml("ema:", "  - checkpoints: [run-a/step-1]\nslerp: {lambda: 0.5}\nema:"),
+        "slerp.lambda needs exactly 2 runs"),
     "lambda range": (edit_yaml("ema:", "slerp: {lambda: 1.5}\nema:"), "slerp.lambda"),
     "dtype": (edit_yaml("shard_size: 20KB", "shard_size: 20KB, dtype: float8"), "output.dtype"),
     "shard size": (edit_yaml("20KB", "20XB"), "output.shard_size"),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-from .config import WarpConfig, load_config
-from .engine import RunResult, execute, plan_merge
+from .config import WarpConfig, format_eta, load_config
+from .engine import RunResult, execute
+from .plan import Plan, plan_merge
 
 
 def run(
@@ -17,9 +19,65 @@ def run(
     quiet: bool = True,
     chunk: int | None = None,
     max_memory: int | None = None,
+    allow_nonfinite: bool = False,
+    echo: Callable[[str], None] = lambda line: None,
 ) -> RunResult:
-    """Merge as the config says; returns the output folders and per-group coefficients."""
+    """Merge as the config says, then check and push when the config asks for it.
+
+    Returns the output folders and the per-group SLERP coefficients. `echo` receives the
+    lines a user should see (check tables, pushed URLs).
+    """
     cfg = config if isinstance(config, WarpConfig) else load_config(config)
     plan = plan_merge(cfg, Path(out) if out is not None else None, force=force,
-                      progress=not quiet, chunk=chunk, max_memory=max_memory)
-    return execute(plan, quiet=quiet, threads=threads)
+                      progress=not quiet, chunk=chunk, max_memory=max_memory, threads=threads,
+                      allow_nonfinite=allow_nonfinite)
+    if cfg.check is not None:
+        _validate_checkable(plan)
+    result = execute(plan, quiet=quiet)
+    if cfg.check is not None:
+        _check_outputs(plan, result, quiet, echo)
+    if cfg.output.push_to_hub is not None:
+        _push_outputs(plan, result, quiet, echo)
+    return result
+
+
+def _validate_checkable(plan: Plan) -> None:
+    """Fail before merging, not after, if the check section cannot run on this model."""
+    from .errors import ConfigError
+    from .gemma2 import Gemma2Config
+
+    Gemma2Config.from_folder(plan.init.path)
+    if plan.config.check.prompts and not (plan.init.path / "tokenizer.json").is_file():
+        raise ConfigError("check.prompts needs a tokenizer.json in the init folder; "
+                          "remove the prompts to check on built-in token sequences")
+
+
+def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
+                   echo: Callable[[str], None]) -> None:
+    """The check report of each output against the init and each run's last checkpoint;
+    its figures go into warpmerge.json and the model card."""
+    from .check import check_models, format_report
+    from .metadata import read_license, write_provenance
+
+    against = [plan.init.path] + [run[-1].path for run in plan.runs]
+    check = plan.config.check
+    for folder, eta in zip(result.outputs, plan.etas, strict=True):
+        report = check_models(folder, against, prompts=check.prompts,
+                              max_new_tokens=check.max_new_tokens, progress=not quiet)
+        provenance = {**result.provenance, "eta": eta, "check": report.to_dict()}
+        write_provenance(folder, provenance, read_license(plan.init.path))
+        echo(f"Check of {folder.name}:\n{format_report(report)}")
+
+
+def _push_outputs(plan: Plan, result: RunResult, quiet: bool,
+                  echo: Callable[[str], None]) -> None:
+    """One η goes to the configured revision; several go to branches named eta-<value>."""
+    from .hub import push_folder
+
+    target = plan.config.output.push_to_hub
+    several = len(result.outputs) > 1
+    for folder, eta in zip(result.outputs, plan.etas, strict=True):
+        revision = f"eta-{format_eta(eta)}" if several else target.revision
+        url = push_folder(folder, target.repo_id, private=target.private, revision=revision,
+                          progress=not quiet)
+        echo(f"Pushed {folder} to {url}")

@@ -55,12 +55,16 @@ def run(
     chunk_size: Annotated[int | None, typer.Option(
         "--chunk-size", min=1, help="Elements per streamed chunk (rounded to 65536).")] = None,
     max_memory: Annotated[str | None, typer.Option(
-        "--max-memory", help="Memory budget, e.g. 4GB (default: a quarter of free RAM).")] = None,
+        "--max-memory", help="Memory budget, e.g. 4GB (default: a quarter of free RAM, "
+        "at most 2GiB).")] = None,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Merge even if an input holds NaN or Inf.")] = False,
 ) -> None:
     """Merge as CONFIG says: EMA per run, SLERP across runs, LITI per eta."""
+    from .api import run as run_merge
     from .config import load_config, parse_size
-    from .engine import describe_plan, execute, plan_merge
     from .errors import ConfigError
+    from .plan import describe_plan, plan_merge
 
     cfg = load_config(config)
     budget = None
@@ -69,17 +73,61 @@ def run(
             budget = parse_size(max_memory, "--max-memory")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-    plan = plan_merge(cfg, out, force=force, progress=not quiet, dry_run=dry_run,
-                      chunk=chunk_size, max_memory=budget)
     if dry_run:
+        plan = plan_merge(cfg, out, force=force, progress=not quiet, dry_run=True,
+                          chunk=chunk_size, max_memory=budget, threads=threads)
         typer.echo(describe_plan(plan))
         typer.echo("Dry run: nothing written.")
         return
-    result = execute(plan, quiet=quiet, threads=threads)
+    result = run_merge(cfg, out=out, force=force, threads=threads, quiet=quiet, chunk=chunk_size,
+                       max_memory=budget, allow_nonfinite=allow_nonfinite,
+                       echo=lambda line: typer.echo(line, err=True))
     for path in result.outputs + result.ema_outputs:
         typer.echo(str(path))
     if not quiet:
-        typer.echo(f"Merged {len(plan.inputs)} models in {result.seconds:.1f} s.", err=True)
+        typer.echo(f"Merged in {result.seconds:.1f} s.", err=True)
+
+
+@app.command()
+def check(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="The model folder to check.")],
+    against: Annotated[list[str] | None, typer.Option(
+        "--against", help="Compare with this model (repeatable).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")] = "float32",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+    = False,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help="A text file, one prompt per line (needs a tokenizer).")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=0)] = 32,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """NLL of MODEL, and KL and top-1 agreement against each --against model."""
+    from .check import check_command
+
+    check_command(model, against or [], dtype, json_out, prompts, quiet,
+                  max_new_tokens=max_new_tokens)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A merged model folder.")],
+    repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="user/name on the Hub.")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to.")]
+    = None,
+    message: Annotated[str | None, typer.Option("--message", help="Commit message.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """Upload FOLDER to the Hub in one commit; stale shards in the repo are deleted."""
+    from .errors import InputError
+    from .hub import push_folder
+
+    if not folder.is_dir():
+        raise InputError(f"not a folder: {folder}")
+    if not any(folder.glob("*.safetensors")):
+        raise InputError(f"no safetensors weights in {folder}")
+    typer.echo(push_folder(folder, repo_id, private=private, revision=revision, message=message,
+                           progress=not quiet))
 
 
 @app.command()

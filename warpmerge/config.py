@@ -237,7 +237,8 @@ class WarpConfig(_Strict):
         for ref in refs:
             if GLOB_CHARS.search(ref):
                 pattern = str(self.resolve_path(ref))
-                matches = sorted((m for m in glob.glob(pattern) if Path(m).is_dir()), key=natural_key)
+                found = (m for m in glob.glob(pattern) if Path(m).is_dir())
+                matches = sorted(found, key=natural_key)
                 if not matches:
                     raise ConfigError(
                         f"{self.run_names[index]}: checkpoint glob '{ref}' matches no folder"

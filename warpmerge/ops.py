@@ -138,7 +138,8 @@ def _flat(group: Group) -> list[torch.Tensor]:
 
 
 def _dot(x: Group, y: Group) -> float:
-    return float(sum((a.double() * b.double()).sum() for a, b in zip(_flat(x), _flat(y), strict=True)))
+    pairs = zip(_flat(x), _flat(y), strict=True)
+    return float(sum((a.double() * b.double()).sum() for a, b in pairs))
 
 
 def slerp(

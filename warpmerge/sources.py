@@ -101,6 +101,12 @@ class Checkpoint:
             0, dtype=info.dtype
         )
 
+    def open_files(self) -> None:
+        """Open every file up front: worker threads then share the descriptors, read-only."""
+        for info in self.tensors.values():
+            if info.file not in self._fds:
+                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -120,7 +126,7 @@ def _inside(folder: Path, name: str, what: str, label: str, trust_links: bool) -
 
 
 def read_header(path: Path, label: str) -> tuple[dict[str, TensorInfo], FileInfo]:
-    """Parse and check one safetensors header; every tensor must lie inside the data region."""
+    """Read one safetensors header from disk and check it (see `parse_header`)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -135,13 +141,20 @@ def read_header(path: Path, label: str) -> tuple[dict[str, TensorInfo], FileInfo
         raise InputError(f"{label}: missing file {path.name}") from None
     except OSError as exc:
         raise InputError(f"{label}: cannot read {path.name}: {exc.strerror}") from None
+    return parse_header(raw, size, path, label), FileInfo(
+        path.name, size, hashlib.sha256(head + raw).hexdigest())
+
+
+def parse_header(raw: bytes, size: int, path: Path, label: str) -> dict[str, TensorInfo]:
+    """Check a header's JSON against its file size: every tensor must lie inside the data."""
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise InputError(f"{label}: {path.name} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise InputError(f"{label}: {path.name} has a corrupt safetensors header")
-    data_start, data_size = 8 + n, size - 8 - n
+    data_start = 8 + len(raw)
+    data_size = size - data_start
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -166,13 +179,15 @@ def read_header(path: Path, label: str) -> tuple[dict[str, TensorInfo], FileInfo
             raise InputError(f"{label}: {path.name}: tensor {name} lies outside the file "
                              "(truncated or corrupt)")
         tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
-    digest = hashlib.sha256(head + raw).hexdigest()
-    return tensors, FileInfo(path.name, size, digest)
+    return tensors
 
 
-def open_checkpoint(path: Path, label: str, ref: str | None = None,
-                    trust_links: bool = False) -> Checkpoint:
-    """Open a model folder: `model.safetensors`, or the shards an index names."""
+def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links: bool = False,
+                    remote: dict[str, tuple[bytes, int]] | None = None) -> Checkpoint:
+    """Open a model folder: `model.safetensors`, or the shards an index names.
+
+    `remote` maps shard names not downloaded (a Hub dry run) to (header JSON, file size).
+    """
     if not path.exists():
         raise InputError(f"{label}: folder not found: {ref or path}")
     if not path.is_dir():
@@ -186,7 +201,7 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None,
         except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
             raise InputError(f"{label}: {INDEX_FILE} is not a valid index") from None
         shard_names = list(dict.fromkeys(weight_map.values()))
-    elif (path / SINGLE_FILE).exists():
+    elif (path / SINGLE_FILE).exists() or (remote and SINGLE_FILE in remote):
         weight_map, shard_names = None, [SINGLE_FILE]
     else:
         others = sorted(p.name for p in path.glob("*.safetensors"))
@@ -203,9 +218,15 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None,
         if not isinstance(shard, str):
             raise InputError(f"{label}: {INDEX_FILE} is not a valid index")
         file_path = _inside(path, shard, INDEX_FILE, label, trust_links)
-        if not file_path.exists():
+        if remote and shard in remote and not file_path.exists():
+            raw, size = remote[shard]
+            found = parse_header(raw, size, file_path, label)
+            info = FileInfo(shard, size, hashlib.sha256(len(raw).to_bytes(8, "little") + raw)
+                            .hexdigest())
+        elif not file_path.exists():
             raise InputError(f"{label}: {INDEX_FILE} names a missing shard {shard}")
-        found, info = read_header(file_path, label)
+        else:
+            found, info = read_header(file_path, label)
         files.append(info)
         if weight_map is None:
             tensors.update(found)
@@ -241,7 +262,12 @@ def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
     if parsed is None:
         raise InputError(f"{label}: folder not found: {ref}")
     model = hub.fetch_model(parsed[0], parsed[1], progress=progress, dry_run=dry_run)
-    ckpt = open_checkpoint(model.path, label, ref, trust_links=True)
+    remote = None
+    if dry_run:  # weights not downloaded: read their headers over HTTP ranges
+        missing = [f for f in model.weight_files if not (model.path / f).exists()]
+        raw = hub.remote_header_bytes(model.repo_id, model.commit, missing) if missing else {}
+        remote = {name: (data, model.files[name]) for name, data in raw.items()}
+    ckpt = open_checkpoint(model.path, label, ref, trust_links=True, remote=remote)
     ckpt.repo_id, ckpt.revision, ckpt.commit = model.repo_id, model.revision, model.commit
     ckpt.download_bytes = model.download_bytes
     return ckpt

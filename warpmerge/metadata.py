@@ -1,0 +1,90 @@
+"""The files around the weights: config.json, tokenizer files, warpmerge.json, model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .errors import InputError
+from .plan import Plan
+from .sources import HEAD_NAME
+
+MODEL_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """What warpmerge.json records: enough to reproduce the merge and compare the result."""
+    run_of = {id(c): name for name, run in zip(plan.run_names, plan.runs, strict=True)
+              for c in run}
+    inputs = [
+        {
+            "role": "init" if c is plan.init else "checkpoint",
+            "run": run_of.get(id(c)),
+            "ref": c.ref,
+            "repo_id": c.repo_id,
+            "revision": c.revision,
+            "commit": c.commit,
+            "files": [{"name": f.name, "size": f.size, "header_sha256": f.header_sha256}
+                      for f in c.files],
+        }
+        for c in plan.inputs
+    ]
+    return {
+        "warpmerge_version": __version__,
+        "torch_version": torch.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": plan.config.to_dict(),
+        "inputs": inputs,
+        "runs": [
+            {"name": n, "weight": p.weight, "checkpoints": len(r), "ema_coefficients": a}
+            for n, p, r, a in zip(plan.run_names, plan.config.policies, plan.runs,
+                                  plan.ema_coefs, strict=True)
+        ],
+        "groups": groups,
+        "check": None,
+    }
+
+
+def write_metadata(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None:
+    """config.json (dtype updated), tokenizer and generation files, warpmerge.json, card."""
+    src = plan.init.path
+    config_path = src / "config.json"
+    if config_path.is_file():
+        try:
+            cfg = json.loads(config_path.read_text())
+        except ValueError:
+            raise InputError(f"init: config.json is not valid JSON ({src})") from None
+        if plan.config.output.dtype:
+            for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
+                cfg[key] = plan.config.output.dtype
+        if HEAD_NAME not in plan.init.tensors and "tie_word_embeddings" in cfg:
+            cfg["tie_word_embeddings"] = True
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if plan.config.output.copy_tokenizer:
+        for name in MODEL_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, folder / name)
+    write_provenance(folder, provenance, read_license(src))
+
+
+def write_provenance(folder: Path, provenance: dict[str, Any], license_: str | None) -> None:
+    """warpmerge.json and the README.md card made from it (rewritten when figures change)."""
+    from .card import render_card
+
+    (folder / "warpmerge.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (folder / "README.md").write_text(render_card(provenance, license=license_))
+
+
+def read_license(model: Path) -> str | None:
+    from .hub import read_license as read
+
+    return read(model)

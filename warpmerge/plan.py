@@ -1,0 +1,216 @@
+"""Planning a merge: every input opened and checked, groups and output layout decided.
+
+Nothing here reads tensor data or writes a byte, so `--dry-run` is this module plus a print,
+and every validation error is raised before any output exists.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import WarpConfig, format_eta
+from .errors import ConfigError
+from .ops import ema_coefficients
+from .sources import Checkpoint, TensorInfo, check_compatible, locate
+from .writer import OutTensor, ShardedWriter
+
+BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
+DEFAULT_CHUNK = 1 << 18  # elements per chunk: a worker's buffers stay in the CPU cache
+OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+LAYER = re.compile(r"^(.*?layers\.\d+)\.")
+
+
+@dataclass
+class Group:
+    """Tensors sharing one SLERP angle."""
+
+    name: str
+    tensors: list[TensorInfo]
+
+    @property
+    def float_numel(self) -> int:
+        return sum(t.numel for t in self.tensors if t.is_float)
+
+
+@dataclass
+class Plan:
+    """Everything decided before the first tensor byte is read."""
+
+    config: WarpConfig
+    init: Checkpoint
+    runs: list[list[Checkpoint]]
+    run_names: list[str]
+    ema_coefs: list[list[float]]
+    groups: list[Group]
+    out_tensors: list[OutTensor]
+    output_root: Path
+    output_dirs: list[Path]
+    etas: list[float]
+    ema_root: Path | None
+    chunk: int
+    max_memory: int
+    threads: int = 1
+    allow_nonfinite: bool = False
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        return [self.init] + [c for run in self.runs for c in run]
+
+    @property
+    def n_outputs(self) -> int:
+        """Models written: one per η, plus one per run when EMAs are saved."""
+        return len(self.etas) + (len(self.runs) if self.ema_root else 0)
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.nbytes for t in self.out_tensors) * self.n_outputs
+
+    @property
+    def needs_gram(self) -> bool:
+        return len(self.runs) > 1
+
+    def workspace_bytes(self) -> int:
+        """The chunk buffers of all workers (see stream.Workspace)."""
+        per_worker = self.chunk * (8 + 4 * (3 + len(self.runs)) + 4 * self.n_outputs)
+        return per_worker * (self.threads + 1)
+
+    def cache_bytes(self, group: Group) -> int:
+        return (len(self.runs) + 1) * 4 * group.float_numel
+
+    def cacheable(self, group: Group) -> bool:
+        """Whether pass 1 keeps the group's task vectors so that pass 2 reads nothing."""
+        return self.cache_bytes(group) <= self.max_memory - self.workspace_bytes()
+
+    def read_bytes(self) -> int:
+        """Bytes read from disk: pass 1 (when needed) plus pass 2 for uncached groups."""
+        total = 0
+        for g in self.groups:
+            for t in g.tensors:
+                if not t.is_float:
+                    total += t.nbytes
+                    continue
+                per = sum(c.lookup(t.name).nbytes for c in self.inputs)
+                total += per * (2 if self.needs_gram and not self.cacheable(g) else 1)
+        return total
+
+
+def group_key(name: str, granularity: str) -> str:
+    if granularity == "model":
+        return "model"
+    if granularity == "layer":
+        m = LAYER.match(name)
+        if m:
+            return m.group(1)
+    return name
+
+
+def make_groups(tensors: list[TensorInfo], granularity: str) -> list[Group]:
+    groups: dict[str, Group] = {}
+    for t in tensors:
+        key = group_key(t.name, granularity)
+        groups.setdefault(key, Group(key, [])).tensors.append(t)
+    return list(groups.values())
+
+
+def default_max_memory() -> int:
+    """A quarter of the memory available now, between 256 MiB and 2 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        available = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        available = 4 * 2**30
+    return min(max(available // 4, 256 * 2**20), 2 * 2**30)
+
+
+def _check_output_location(root: Path, inputs: list[Checkpoint], force: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output path is an existing file: {root}")
+    if root.is_dir() and any(root.iterdir()) and not force:
+        raise ConfigError(f"output folder is not empty: {root} (use --force to replace it)")
+    for ckpt in inputs:
+        src = ckpt.path.resolve()
+        if root == src or root.is_relative_to(src) or src.is_relative_to(root):
+            raise ConfigError(f"output folder {root} overlaps the input {ckpt.label} ({src})")
+
+
+def plan_merge(config: WarpConfig, out: Path | None = None, *, force: bool = False,
+               progress: bool = True, dry_run: bool = False, chunk: int | None = None,
+               max_memory: int | None = None, threads: int | None = None,
+               allow_nonfinite: bool = False) -> Plan:
+    """Open every input, check it against the init, and decide groups and output layout."""
+    root = config.output_root(out)
+    run_names = config.run_names
+    init = locate(config.init, config.base_dir, "init", progress, dry_run)
+    runs: list[list[Checkpoint]] = []
+    for i, name in enumerate(run_names):
+        refs = config.checkpoint_refs(i)
+        runs.append([
+            locate(ref, config.base_dir, f"{name} checkpoint {t + 1} ({Path(ref).name})",
+                   progress, dry_run)
+            for t, ref in enumerate(refs)
+        ])
+    names = list(init.tensors)
+    inputs = [init] + [c for run in runs for c in run]
+    for ckpt in inputs[1:]:
+        check_compatible(init, ckpt, names)
+    out_dtype = OUT_DTYPES.get(config.output.dtype) if config.output.dtype else None
+    groups = make_groups(list(init.tensors.values()), config.slerp.granularity)
+    out_tensors = [
+        OutTensor(t.name, out_dtype if (out_dtype and t.is_float) else t.dtype, t.shape)
+        for g in groups for t in g.tensors
+    ]
+    ema_root = config.resolve_path(config.ema.save).resolve() if config.ema.save else None
+    _check_output_location(root, inputs, force)
+    if ema_root is not None:
+        _check_output_location(ema_root, inputs, force)
+        if ema_root == root or ema_root.is_relative_to(root) or root.is_relative_to(ema_root):
+            raise ConfigError(f"ema.save ({ema_root}) overlaps output.path ({root})")
+    chunk = max(BLOCK, ((chunk or DEFAULT_CHUNK) // BLOCK) * BLOCK)
+    return Plan(
+        config=config, init=init, runs=runs, run_names=run_names,
+        ema_coefs=[ema_coefficients(len(r), config.ema.mu, config.ema.every, config.ema.start,
+                                    config.ema.use) for r in runs],
+        groups=groups, out_tensors=out_tensors, output_root=root,
+        output_dirs=config.output_dirs(out), etas=list(config.liti.eta), ema_root=ema_root,
+        chunk=chunk, max_memory=max_memory or default_max_memory(),
+        threads=threads or torch.get_num_threads(), allow_nonfinite=allow_nonfinite,
+    )
+
+
+def human(n: float) -> str:
+    """Decimal units, as disk sizes and shard sizes are given."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def describe_plan(plan: Plan) -> str:
+    """The --dry-run report: inputs, groups, bytes to read and write, output shards."""
+    lines = ["Inputs:"]
+    for c in plan.inputs:
+        size = sum(f.size for f in c.files)
+        where = f"{c.repo_id}@{c.commit[:10]}" if c.repo_id and c.commit else str(c.path)
+        extra = f", {human(c.download_bytes)} to download" if c.download_bytes else ""
+        lines.append(f"  {c.label}: {where} ({len(c.files)} file(s), {human(size)}{extra})")
+    for name, coefs in zip(plan.run_names, plan.ema_coefs, strict=True):
+        lines.append(f"  {name}: EMA weights {', '.join(f'{a:.6g}' for a in coefs)}")
+    g = plan.groups
+    lines.append(f"Groups ({plan.config.slerp.granularity}): {len(g)} — "
+                 + ", ".join(x.name for x in g[:4]) + (", ..." if len(g) > 4 else ""))
+    cached = sum(1 for x in g if plan.cacheable(x)) if plan.needs_gram else len(g)
+    lines.append(f"Read: {human(plan.read_bytes())} ({cached} of {len(g)} groups read once)   "
+                 f"Write: {human(plan.out_bytes)}")
+    shards = ShardedWriter(Path("."), plan.out_tensors, plan.config.output.shard_size).names
+    for d, eta in zip(plan.output_dirs, plan.etas, strict=True):
+        lines.append(f"Output eta={format_eta(eta)}: {d} ({len(shards)} shard(s))")
+    if plan.ema_root:
+        for n in plan.run_names:
+            lines.append(f"EMA of {n}: {plan.ema_root / n}")
+    return "\n".join(lines)

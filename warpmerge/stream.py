@@ -1,0 +1,234 @@
+"""Streaming the arithmetic: chunks of tensors through reusable buffers, on worker threads.
+
+A chunk is a contiguous run of elements of one tensor. Each worker owns a `Workspace` of
+chunk-sized buffers allocated once (fresh allocations and their page faults, not arithmetic,
+dominate naive code), reads its inputs with `pread` (which releases the GIL, as torch ops do),
+and runs torch single-threaded: parallelism comes from chunks, never from splitting one op, so
+the bits of every result are the same whatever the number of workers.
+
+Reductions are partial sums over fixed blocks of BLOCK elements, aligned to the tensor, and are
+combined exactly (math.fsum) in float64: no chunk size or thread count changes the Gram matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from .errors import InputError
+from .plan import BLOCK, Group, Plan
+from .sources import Checkpoint, TensorInfo
+
+
+@dataclass(frozen=True)
+class Chunk:
+    info: TensorInfo
+    start: int  # first element within the tensor
+    count: int
+    offset: int  # first element within the group's float tensors (cache position)
+
+
+def chunks(plan: Plan, group: Group, floats: bool) -> Iterator[Chunk]:
+    """The chunks of a group's float tensors (floats=True) or of its other tensors."""
+    offset = 0
+    for info in group.tensors:
+        if info.is_float != floats:
+            continue
+        for start in range(0, info.numel, plan.chunk):
+            count = min(plan.chunk, info.numel - start)
+            yield Chunk(info, start, count, offset + start)
+        offset += info.numel
+
+
+class Workspace:
+    """One worker's buffers: raw input bytes, θ_init, task vectors, and one per output."""
+
+    def __init__(self, plan: Plan) -> None:
+        n = plan.chunk
+        self.raw = bytearray(n * 8)
+        self.x0 = torch.empty(n)
+        self.tmp = torch.empty(n)
+        self.merged = torch.empty(n)
+        self.deltas = torch.empty((len(plan.runs), n))
+        self.outs = [torch.empty(n * 4, dtype=torch.uint8) for _ in range(plan.n_outputs)]
+
+    def out(self, k: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+        return self.outs[k].view(dtype)[:count]
+
+
+class Streamer:
+    """Runs chunk jobs on worker threads and hands results back in order."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.window = plan.threads + 1  # one result being written while `threads` compute
+        self.pool = ThreadPoolExecutor(plan.threads) if plan.threads > 1 else None
+        self.free: queue.Queue[Workspace] = queue.Queue()
+        for _ in range(self.window):
+            self.free.put(Workspace(plan))
+        self.cache: torch.Tensor | None = None  # this group's θ_init and δ_m, when kept
+        self._store: torch.Tensor | None = None  # the memory behind it, reused by every group
+        self.group_numel = 0
+        self.coefs: list[float] = []
+        self.out_dtypes = {t.name: t.dtype for t in plan.out_tensors}
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def ordered(self, fn: Callable, jobs: Iterable[Chunk]) -> Iterator:
+        """fn(workspace, chunk) for every chunk, results yielded in job order.
+
+        The workspace of a yielded result stays untouched until the caller asks for the next.
+        """
+        pending: deque[tuple[Workspace, Future]] = deque()
+        jobs = iter(jobs)
+
+        def fill() -> None:
+            while len(pending) < self.window:
+                job = next(jobs, None)
+                if job is None:
+                    return
+                ws = self.free.get()
+                if self.pool is None:
+                    fut: Future = Future()
+                    try:
+                        fut.set_result(fn(ws, job))
+                    except BaseException as exc:  # re-raised in order, like the pool's
+                        fut.set_exception(exc)
+                else:
+                    fut = self.pool.submit(fn, ws, job)
+                pending.append((ws, fut))
+
+        fill()
+        while pending:
+            ws, fut = pending.popleft()
+            try:
+                result = fut.result()
+            except BaseException:
+                for _, other in pending:
+                    other.cancel()
+                for _, other in pending:
+                    if not other.cancelled():
+                        other.exception()  # wait: no worker may outlive its buffers
+                raise
+            try:
+                yield result
+            finally:  # also when the caller stops early: the workspace goes back
+                self.free.put(ws)
+            fill()
+
+    # --- the arithmetic -------------------------------------------------------------------
+
+    def _read(self, ws: Workspace, ckpt: Checkpoint, c: Chunk, out: torch.Tensor) -> None:
+        out.copy_(ckpt.read_into(ckpt.lookup(c.info.name), c.start, c.count, ws.raw))
+
+    def task_vectors(self, ws: Workspace, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """θ_init and δ_m = Σ_t a_{m,t}·(θ_{m,t} − θ_init) for one chunk, in float32.
+
+        Differences first: a tensor a run never changed gives an exactly zero δ_m. Only
+        separate elementwise ops (no fused multiply-add), so chunking never changes a bit.
+        """
+        n = c.count
+        x0, tmp = ws.x0[:n], ws.tmp[:n]
+        self._read(ws, self.plan.init, c, x0)
+        deltas = []
+        for m, (run, coefs) in enumerate(zip(self.plan.runs, self.plan.ema_coefs, strict=True)):
+            d = ws.deltas[m, :n]
+            first = True
+            for ckpt, a in zip(run, coefs, strict=True):
+                if a == 0.0:
+                    continue
+                target = d if first else tmp
+                self._read(ws, ckpt, c, target)
+                target.sub_(x0)
+                if a != 1.0:
+                    target.mul_(a)
+                if not first:
+                    d.add_(tmp)
+                first = False
+            deltas.append(d)
+        return x0, deltas
+
+    def gram_job(self, ws: Workspace, c: Chunk) -> list[list[float]]:
+        """Pass 1 for one chunk: block partial sums of ⟨δ_i, δ_j⟩ (i ≤ j) and ‖θ_init‖²."""
+        x0, deltas = self.task_vectors(ws, c)
+        vectors = deltas + [x0]
+        pairs = [(i, j) for i in range(len(deltas)) for j in range(i, len(deltas))]
+        pairs.append((len(deltas), len(deltas)))
+        sums = [[] for _ in pairs]
+        for s in range(0, c.count, BLOCK):
+            e = min(s + BLOCK, c.count)
+            for k, (i, j) in enumerate(pairs):
+                sums[k].append(torch.dot(vectors[i][s:e], vectors[j][s:e]).item())
+        if not self.plan.allow_nonfinite and not all(map(math.isfinite, sums[-1])):
+            self.find_nonfinite(c)
+        if self.cache is not None:
+            g = self.group_numel
+            self.cache[c.offset:c.offset + c.count].copy_(x0)
+            for m, d in enumerate(deltas):
+                start = g * (m + 1) + c.offset
+                self.cache[start:start + c.count].copy_(d)
+        return sums
+
+    def write_job(self, ws: Workspace, c: Chunk) -> list[torch.Tensor]:
+        """Pass 2 for one chunk: θ_init + η·Σ c_m δ_m per η, then θ_init + δ_m per saved EMA."""
+        n = c.count
+        if self.cache is not None:
+            g = self.group_numel
+            x0 = self.cache[c.offset:c.offset + n]
+            deltas = [self.cache[g * (m + 1) + c.offset:][:n] for m in range(len(self.plan.runs))]
+        else:
+            x0, deltas = self.task_vectors(ws, c)
+        merged, tmp = ws.merged[:n], ws.tmp[:n]
+        merged.copy_(deltas[0])
+        if self.coefs[0] != 1.0:
+            merged.mul_(self.coefs[0])
+        for coef, d in zip(self.coefs[1:], deltas[1:], strict=True):
+            torch.mul(d, coef, out=tmp)
+            merged.add_(tmp)
+        if not self.plan.allow_nonfinite and not (
+            math.isfinite(merged.sum().item()) and math.isfinite(x0.sum().item())
+        ):
+            self.find_nonfinite(c)
+        dtype = self.out_dtypes[c.info.name]
+        outs = []
+        for k, eta in enumerate(self.plan.etas):
+            torch.mul(merged, eta, out=tmp)
+            tmp.add_(x0)
+            outs.append(ws.out(k, dtype, n))
+            outs[-1].copy_(tmp)
+        for m, d in enumerate(deltas if self.plan.ema_root else []):
+            out = ws.out(len(self.plan.etas) + m, dtype, n)
+            torch.add(x0, d, out=tmp)
+            out.copy_(tmp)
+            outs.append(out)
+        return outs
+
+    def find_nonfinite(self, c: Chunk) -> None:
+        """Name the input holding a NaN or Inf in this chunk (a sum overflowing is no error)."""
+        raw = bytearray(c.count * 8)
+        for ckpt in self.plan.inputs:
+            x = ckpt.read_into(ckpt.lookup(c.info.name), c.start, c.count, raw)
+            if not torch.isfinite(x).all():
+                raise InputError(f"{ckpt.label}: tensor {c.info.name} contains NaN or Inf "
+                                 "(use --allow-nonfinite to merge anyway)")
+
+    # --- per-group state ------------------------------------------------------------------
+
+    def begin_group(self, group: Group, cache: bool) -> None:
+        """Point the cache at this group (allocated once, at the largest size needed)."""
+        self.group_numel = group.float_numel
+        if not cache:
+            self.cache = None
+            return
+        need = self.plan.cache_bytes(group) // 4
+        if self._store is None or self._store.numel() < need:
+            self._store = torch.empty(need)
+        self.cache = self._store[:need]
