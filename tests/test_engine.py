@@ -255,3 +255,70 @@ def test_bit_identical_across_threads_and_chunk_sizes(tmp_path):
                               for p in out.rglob("*.safetensors")))
     assert digests[0] == digests[1] == digests[2]
     torch.set_num_threads(2)
+
+
+def test_resume_after_kill_keeps_verified_shards_and_is_bit_identical(tmp_path):
+    """Simulate a SIGKILL after some shards: stop the writer mid-run, then resume."""
+    from warpmerge import writer as writer_mod
+
+    init, runs = make_setup(tmp_path, 2, [2, 2])
+    cfg = config_for(tmp_path, 2, liti={"eta": [0.3, 1.0]},
+                     output={"path": "out", "shard_size": "10KB"})
+    reference_files = {p.relative_to(tmp_path / "ref").as_posix(): p.read_bytes()
+                       for p in (warpmerge.run(cfg, out=tmp_path / "ref").outputs[0].parent
+                                 ).rglob("*.safetensors")}
+
+    class Killed(BaseException):
+        pass
+
+    real_close = writer_mod.ShardedWriter._close_file
+    closed = []
+
+    def close_then_die(self):
+        had_file = self._file is not None
+        real_close(self)
+        closed.extend([1] if had_file else [])
+        if len(closed) == 4:
+            raise Killed
+
+    # a kill leaves the staging folder: emulate by skipping the cleanup
+    original_discard = writer_mod.Staging.discard
+    writer_mod.ShardedWriter._close_file = close_then_die
+    writer_mod.Staging.discard = lambda self: None
+    try:
+        with pytest.raises(Killed):
+            warpmerge.run(cfg)
+    finally:
+        writer_mod.ShardedWriter._close_file = real_close
+        writer_mod.Staging.discard = original_discard
+    staging = tmp_path / ".out.warpmerge-partial"
+    assert staging.is_dir() and not (tmp_path / "out").exists()
+    journal = (staging / ".warpmerge-journal.jsonl").read_text().splitlines()
+    assert sum('"kind": "shard"' in line for line in journal) == 4
+
+    # corrupt one finished shard: resume must notice and rewrite it
+    first = sorted(staging.rglob("*.safetensors"))[0]
+    first.write_bytes(first.read_bytes()[:-1] + b"\x00")
+    written = []
+    real_open = writer_mod.open if hasattr(writer_mod, "open") else open
+
+    def spy_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            written.append(Path(path).relative_to(staging).as_posix())
+        return real_open(path, mode, *args, **kwargs)
+
+    writer_mod.open = spy_open
+    try:
+        result = warpmerge.run(cfg, resume=True)
+    finally:
+        del writer_mod.open
+    assert not staging.exists()
+    files = {p.relative_to(tmp_path / "out").as_posix(): p.read_bytes()
+             for p in (tmp_path / "out").rglob("*.safetensors")}
+    assert files == reference_files
+    kept = 3  # four finished shards, one corrupted
+    total = len(reference_files)
+    assert len(written) == total - kept
+    assert first.relative_to(staging).as_posix() in written
+    assert [g.name for g in result.groups] == ["model.embed_tokens.weight", "model.layers.0",
+                                               "model.layers.1", "model.norm.weight"]

@@ -20,6 +20,7 @@ def run(
     chunk: int | None = None,
     max_memory: int | None = None,
     allow_nonfinite: bool = False,
+    resume: bool = False,
     echo: Callable[[str], None] = lambda line: None,
 ) -> RunResult:
     """Merge as the config says, then check and push when the config asks for it.
@@ -33,7 +34,7 @@ def run(
                       allow_nonfinite=allow_nonfinite)
     if cfg.check is not None:
         _validate_checkable(plan)
-    result = execute(plan, quiet=quiet)
+    result = execute(plan, quiet=quiet, resume=resume)
     if cfg.check is not None:
         _check_outputs(plan, result, quiet, echo)
     if cfg.output.push_to_hub is not None:

@@ -59,6 +59,9 @@ def run(
         "at most 2GiB).")] = None,
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Merge even if an input holds NaN or Inf.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue a killed run of this merge, keeping its verified shards.")]
+    = False,
 ) -> None:
     """Merge as CONFIG says: EMA per run, SLERP across runs, LITI per eta."""
     from .api import run as run_merge
@@ -80,7 +83,7 @@ def run(
         typer.echo("Dry run: nothing written.")
         return
     result = run_merge(cfg, out=out, force=force, threads=threads, quiet=quiet, chunk=chunk_size,
-                       max_memory=budget, allow_nonfinite=allow_nonfinite,
+                       max_memory=budget, allow_nonfinite=allow_nonfinite, resume=resume,
                        echo=lambda line: typer.echo(line, err=True))
     for path in result.outputs + result.ema_outputs:
         typer.echo(str(path))

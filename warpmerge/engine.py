@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
-from .errors import InputError, RunError
+from .errors import RunError
+from .journal import NAME as JOURNAL
+from .journal import Journal, fingerprint
 from .metadata import build_provenance, write_metadata
 from .ops import ChainStep, chain_coefficients
 from .plan import Group, Plan, human
@@ -43,10 +45,16 @@ class GroupResult:
         return {
             "name": self.name,
             "numel": self.numel,
-            "chain": [{"run": run_names[s.run], "lambda": s.lam, "cos_omega": s.cos_omega,
-                       "mode": s.mode} for s in self.chain],
+            "chain": [{"run": run_names[s.run], "run_index": s.run, "lambda": s.lam,
+                       "cos_omega": s.cos_omega, "mode": s.mode} for s in self.chain],
             "coefficients": self.coefficients,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GroupResult:
+        chain = [ChainStep(s["run_index"], s["lambda"], s["cos_omega"], s["mode"])
+                 for s in d["chain"]]
+        return cls(d["name"], d["numel"], d["coefficients"], chain)
 
 
 @dataclass
@@ -59,16 +67,35 @@ class RunResult:
 
 
 class _Outputs:
-    """The writers of one merge: one model per η, then one per run when EMAs are saved."""
+    """The writers of one merge: one model per η, then one per run when EMAs are saved.
 
-    def __init__(self, plan: Plan, root: Path, ema_root: Path | None) -> None:
+    Every finished shard is recorded in the journal; shards a verified journal already
+    holds are skipped.
+    """
+
+    def __init__(self, plan: Plan, roots: list[Path], journal: Journal,
+                 verified: set[Path]) -> None:
         max_shard = plan.config.output.shard_size
-        self.eta_dirs = [root / d.relative_to(plan.output_root) for d in plan.output_dirs]
-        self.ema_dirs = [ema_root / n for n in plan.run_names] if ema_root else []
+        self.eta_dirs = [roots[0] / d.relative_to(plan.output_root) for d in plan.output_dirs]
+        self.ema_dirs = [roots[1] / n for n in plan.run_names] if plan.ema_root else []
         self.dirs = self.eta_dirs + self.ema_dirs
+        self.writers = []
         for d in self.dirs:
             d.mkdir(parents=True, exist_ok=True)
-        self.writers = [ShardedWriter(d, plan.out_tensors, max_shard) for d in self.dirs]
+            root = 0 if d in self.eta_dirs else 1
+
+            def record(path: Path, size: int, crc: int, root: int = root) -> None:
+                journal.shard_done(f"{root}/{path.relative_to(roots[root]).as_posix()}",
+                                   size, crc)
+
+            writer = ShardedWriter(d, plan.out_tensors, max_shard, on_shard=record)
+            writer.done = frozenset(i for i, name in enumerate(writer.names)
+                                    if d / name in verified)
+            self.writers.append(writer)
+
+    def finished(self, group: Group) -> bool:
+        """Whether every tensor of the group lies in shards that are already on disk."""
+        return all(w.shard_by_name[t.name] in w.done for w in self.writers for t in group.tensors)
 
 
 def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs, bar: Any) -> GroupResult:
@@ -134,23 +161,41 @@ def _check_free_space(plan: Plan) -> None:
                        f"{human(free)} is free ({human(needed - free)} missing)")
 
 
-def execute(plan: Plan, *, quiet: bool = False) -> RunResult:
-    """Stream the merge into staging folders and rename them into place when complete."""
+def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResult:
+    """Stream the merge into staging folders and rename them into place when complete.
+
+    With `resume`, a staging folder left by a killed run of the same merge is continued:
+    its journal's shards are verified and kept, and finished groups are not recomputed.
+    """
     t0 = time.perf_counter()
     _check_free_space(plan)
     stagings = [Staging(plan.output_root)] + ([Staging(plan.ema_root)] if plan.ema_root else [])
+    fp = fingerprint(plan)
+    prior = Journal.load(stagings[0].path / JOURNAL, fp) if resume else None
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallel over chunks instead: see stream.py
     streamer = Streamer(plan)
     results: list[GroupResult] = []
     try:
-        roots = [st.create() for st in stagings]
-        outs = _Outputs(plan, roots[0], roots[1] if len(roots) > 1 else None)
+        roots = [st.create(keep=prior is not None) for st in stagings]
+        journal = prior or Journal(roots[0] / JOURNAL)
+        verified = prior.verified_shards(roots) if prior else set()
+        if prior is None:
+            journal.start(fp)
+        outs = _Outputs(plan, roots, journal, verified)
         for c in plan.inputs:
             c.open_files()
         with _progress(plan.read_bytes(), quiet) as bar:
-            for group in plan.groups:
+            for index, group in enumerate(plan.groups):
+                done = journal.groups.get(index)
+                if done is not None and outs.finished(group):
+                    for info in group.tensors:
+                        for w in outs.writers:
+                            w.skip_tensor(info.name)
+                    results.append(GroupResult.from_dict(done))
+                    continue
                 results.append(_merge_group(plan, streamer, group, outs, bar))
+                journal.group_done(index, results[-1].to_dict(plan.run_names))
         for w in outs.writers:
             w.finish()
         provenance = build_provenance(plan, [g.to_dict(plan.run_names) for g in results])
@@ -158,6 +203,7 @@ def execute(plan: Plan, *, quiet: bool = False) -> RunResult:
             write_metadata(plan, d, {**provenance, "eta": eta})
         for d, name in zip(outs.ema_dirs, plan.run_names if outs.ema_dirs else [], strict=True):
             write_metadata(plan, d, {**provenance, "eta": None, "ema_of_run": name})
+        (roots[0] / JOURNAL).unlink()
         for st in stagings:
             st.commit()
     except BaseException as exc:
@@ -165,10 +211,10 @@ def execute(plan: Plan, *, quiet: bool = False) -> RunResult:
             st.discard()
         if isinstance(exc, KeyboardInterrupt):
             raise RunError("interrupted; the partial output was removed") from None
-        if isinstance(exc, OSError) and not isinstance(exc, InputError):
-            if exc.errno == errno.ENOSPC:
-                raise RunError(f"disk full while writing {plan.output_root}; the partial "
-                               "output was removed") from None
+        if isinstance(exc, OSError):
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise RunError(f"disk full while writing {plan.output_root} ({exc.strerror}); "
+                               "the partial output was removed") from None
             raise RunError(f"I/O error while writing the output: {exc}") from None
         raise
     finally:

@@ -273,6 +273,21 @@ def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
     return ckpt
 
 
+def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    """Byte equality of two tensors (true when a file is not downloaded: a Hub dry run)."""
+    if not (a.file.exists() and b.file.exists()):
+        return True
+    step = 1 << 22
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        for start in range(0, a.nbytes, step):
+            n = min(step, a.nbytes - start)
+            fa.seek(a.offset + start)
+            fb.seek(b.offset + start)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
 def check_compatible(init: Checkpoint, other: Checkpoint, names: list[str]) -> None:
     """Same tensor names, shapes and kinds as the init; report the first mismatch."""
     for name in names:
@@ -285,6 +300,9 @@ def check_compatible(init: Checkpoint, other: Checkpoint, names: list[str]) -> N
         if a.is_float != b.is_float or (not a.is_float and a.dtype != b.dtype):
             raise InputError(f"{other.label}: tensor {name} has dtype {DTYPE_CODES[b.dtype]}, "
                              f"the init has {DTYPE_CODES[a.dtype]}")
+        if not a.is_float and not _same_bytes(a, b):
+            raise InputError(f"{other.label}: non-float tensor {name} differs from the init's "
+                             "(integer and boolean tensors are copied, never merged)")
     extra = [n for n in other.tensors if n not in init.tensors and n != HEAD_NAME]
     if extra:
         raise InputError(f"{other.label}: unexpected tensor {extra[0]} (absent from the init)")

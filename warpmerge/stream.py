@@ -68,7 +68,10 @@ class Streamer:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.window = plan.threads + 1  # one result being written while `threads` compute
-        self.pool = ThreadPoolExecutor(plan.threads) if plan.threads > 1 else None
+        self.pool = None
+        if plan.threads > 1:  # torch's thread setting is per thread (OpenMP): set it in each
+            self.pool = ThreadPoolExecutor(plan.threads, initializer=torch.set_num_threads,
+                                           initargs=(1,))
         self.free: queue.Queue[Workspace] = queue.Queue()
         for _ in range(self.window):
             self.free.put(Workspace(plan))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,56 +69,79 @@ def encode_header(tensors: list[OutTensor]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
-class ShardedWriter:
-    """Streams one model's tensors, in plan order, into its shard files inside `folder`."""
+ShardDone = Callable[[Path, int, int], None]  # (shard path, size, crc32) once it is on disk
 
-    def __init__(self, folder: Path, tensors: list[OutTensor], max_shard_bytes: int) -> None:
+
+class ShardedWriter:
+    """Streams one model's tensors, in plan order, into its shard files inside `folder`.
+
+    Shards listed in `done` (already on disk from an interrupted run, verified) are skipped:
+    their tensors' bytes are accepted and dropped. `on_shard` hears of each finished shard
+    with its CRC-32, computed while writing, for the resume journal.
+    """
+
+    def __init__(self, folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
+                 done: frozenset[int] = frozenset(), on_shard: ShardDone | None = None) -> None:
         self.folder = folder
         self.shards = plan_shards(tensors, max_shard_bytes)
         self.names = shard_names(len(self.shards))
         self.order = [t for shard in self.shards for t in shard]
-        self._shard_starts = set()
-        first = 0
-        for shard in self.shards:
-            self._shard_starts.add(first)
-            first += len(shard)
+        self.shard_of = [i for i, shard in enumerate(self.shards) for _ in shard]
+        self.shard_by_name = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
+        self.done = done
+        self.on_shard = on_shard
         self._shard = -1
         self._file = None
-        self._next = 0  # index into self.order of the tensor being written
-        self._left = 0  # bytes still expected for it
+        self._skip = False
+        self._crc = 0
+        self._size = 0
+        self._next = 0  # index into self.order of the next tensor
+        self._left = 0  # bytes still expected for the current one
 
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.order)
 
-    def _open_next_shard(self) -> None:
-        self._close_file()
-        self._shard += 1
-        path = self.folder / self.names[self._shard]
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in finish()
-        self._file.write(encode_header(self.shards[self._shard]))
-
     def begin_tensor(self, name: str) -> None:
         expected = self.order[self._next]
         if name != expected.name or self._left:
             raise RuntimeError(f"writer expected {expected.name}, got {name}")
-        if self._next in self._shard_starts:
-            self._open_next_shard()
+        shard = self.shard_of[self._next]
+        if shard != self._shard:
+            self._close_file()
+            self._shard = shard
+            self._skip = shard in self.done
+            if not self._skip:
+                path = self.folder / self.names[shard]
+                self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - see _close_file
+                self._crc, self._size = 0, 0
+                self._put(memoryview(encode_header(self.shards[shard])))
         self._left = expected.nbytes
         self._next += 1
+
+    def skip_tensor(self, name: str) -> None:
+        """Pass over a tensor that lies in a finished shard."""
+        self.begin_tensor(name)
+        if not self._skip:
+            raise RuntimeError(f"{name} is not in a finished shard")
+        self._left = 0
 
     def write(self, data: torch.Tensor | bytes | memoryview) -> None:
         """Append bytes of the current tensor (a contiguous tensor is written as its bytes)."""
         if isinstance(data, torch.Tensor):
             data = memoryview(data.view(torch.uint8).numpy()) if data.numel() else b""
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
-        if n > self._left:
-            raise RuntimeError("writer got more bytes than the tensor holds")
         view = memoryview(data).cast("B")
+        if view.nbytes > self._left:
+            raise RuntimeError("writer got more bytes than the tensor holds")
+        self._left -= view.nbytes
+        if not self._skip:
+            self._put(view)
+
+    def _put(self, view: memoryview) -> None:
+        self._crc = zlib.crc32(view, self._crc)
+        self._size += view.nbytes
         while view.nbytes:
-            written = self._file.write(view)
-            view = view[written:]
-        self._left -= n
+            view = view[self._file.write(view):]
 
     def _close_file(self) -> None:
         if self._file is not None:
@@ -124,6 +149,8 @@ class ShardedWriter:
             os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
+            if self.on_shard is not None:
+                self.on_shard(self.folder / self.names[self._shard], self._size, self._crc)
 
     def finish(self) -> None:
         if self._next != len(self.order) or self._left:
@@ -142,6 +169,14 @@ class ShardedWriter:
             self._file = None
 
 
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
 class Staging:
     """Builds an output folder beside its target and renames it into place only when complete.
 
@@ -153,12 +188,13 @@ class Staging:
         self.target = target
         self.path = target.parent / f".{target.name}.warpmerge-partial"
 
-    def create(self) -> Path:
+    def create(self, keep: bool = False) -> Path:
+        """An empty staging folder; with `keep`, what an interrupted run left is kept."""
         import shutil
 
-        if self.path.exists():
+        if self.path.exists() and not keep:
             shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        self.path.mkdir(parents=True, exist_ok=True)
         return self.path
 
     def commit(self) -> None:
