@@ -117,20 +117,23 @@ def test_only_local_inputs_give_no_base_model() -> None:
 
 
 def test_check_figures_become_a_table() -> None:
+    """The card renders the dict that CheckReport.to_dict() produces."""
     p = provenance()
     p["check"] = {
-        "models": {
-            f"{HOME}/out/warp": {"nll": 2.125, "against": {"init": {"kl": 0.01, "top1": 0.95}}},
-            "google/gemma-2-9b-it": {"nll": 2.5},
-        },
         "dtype": "float32",
-        "tokens": 64,
+        "check_tokens": {"source": "builtin", "sequences": 8, "positions": 512},
+        "model": {"path": f"{HOME}/out/warp", "nll": 2.125, "kl": None},
+        "against": [
+            {"path": f"{HOME}/models/init", "nll": 2.5, "kl": 0.01, "kl_reverse": 0.02,
+             "top1_agreement": 0.95},
+        ],
     }
     body = ModelCard(render_card(p)).text
     assert "## Check" in body
-    assert "| model | nll | against init kl | against init top1 |" in body
-    assert "| `warp` | 2.125 | 0.01 | 0.95 |" in body
-    assert "- tokens: 64" in body
+    assert "| model | NLL | KL | reverse KL | top-1 agreement |" in body
+    assert "| this merge | 2.125 | – | – | – |" in body
+    assert "| `init` | 2.5 | 0.01 | 0.02 | 0.95 |" in body
+    assert "8 builtin check sequences (512 positions)" in body
     assert "/home" not in body
 
 

@@ -214,10 +214,12 @@ def test_non_float_tensors_are_copied_from_init(tmp_path):
     assert torch.equal(got["model.position_ids"], init["model.position_ids"])
 
 
-def test_ema_save_writes_each_runs_ema(tmp_path):
+@pytest.mark.parametrize("use", ["ema", "last"])
+def test_ema_save_writes_each_runs_ema(tmp_path, use):
+    """`save` writes the EMA even when `use: last` merges the last checkpoints."""
     init, runs = make_setup(tmp_path, 2, [3, 2])
-    cfg = config_for(tmp_path, 2, ema={"mu": 0.3, "save": "emas"}, output={"path": "out"},
-                     policy0={"name": "alpha"}, policy1={"name": "beta"})
+    cfg = config_for(tmp_path, 2, ema={"mu": 0.3, "save": "emas", "use": use},
+                     output={"path": "out"}, policy0={"name": "alpha"}, policy1={"name": "beta"})
     result = warpmerge.run(cfg)
     assert [p.name for p in result.ema_outputs] == ["alpha", "beta"]
     for path, run in zip(result.ema_outputs, runs, strict=True):

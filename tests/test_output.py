@@ -95,3 +95,40 @@ def test_single_shard_and_metadata_files(tmp_path):
     card = (out / "README.md").read_text()
     assert card.startswith("---")
     assert not list(tmp_path.glob(".*warpmerge-partial"))
+
+
+def test_check_section_adds_figures_to_provenance_and_card(tmp_path):
+    """`check: {}` runs the bundled Gemma 2 check on the result against the init and runs."""
+    init = random_model(0)
+    write_model(tmp_path / "init", init)
+    for r in range(2):
+        write_model(tmp_path / f"run{r}" / "ck", perturb(init, r + 1, scale=0.05))
+    cfg = build_config(
+        init="init", policies=[{"checkpoints": ["run0/ck"]}, {"checkpoints": ["run1/ck"]}],
+        liti={"eta": 0.0}, output={"path": "out"}, check={},
+    ).with_base_dir(tmp_path)
+    out = warpmerge.run(cfg).outputs[0]
+    figures = json.loads((out / "warpmerge.json").read_text())["check"]
+    assert figures["model"]["path"] == "out"
+    against = {a["path"]: a for a in figures["against"]}
+    assert set(against) == {"init", "ck"}
+    # eta = 0 reproduces the init exactly: no divergence from it, full agreement
+    assert against["init"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert against["init"]["top1_agreement"] == 1.0
+    assert figures["model"]["nll"] == pytest.approx(against["init"]["nll"], rel=1e-6)
+    card = (out / "README.md").read_text()
+    assert "| model | NLL | KL | reverse KL | top-1 agreement |" in card
+    assert str(tmp_path) not in card and str(tmp_path) not in (out / "warpmerge.json").read_text()
+
+
+def test_check_section_needs_a_gemma2_init(tmp_path):
+    from warpmerge.errors import InputError
+
+    init = random_model(0)
+    write_model(tmp_path / "init", init, cfg={"model_type": "llama"})
+    write_model(tmp_path / "run0" / "ck", perturb(init, 1))
+    cfg = build_config(init="init", policies=[{"checkpoints": ["run0/ck"]}],
+                       output={"path": "out"}, check={}).with_base_dir(tmp_path)
+    with pytest.raises(InputError):
+        warpmerge.run(cfg)
+    assert not (tmp_path / "out").exists()

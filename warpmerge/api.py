@@ -32,25 +32,14 @@ def run(
     plan = plan_merge(cfg, Path(out) if out is not None else None, force=force,
                       progress=not quiet, chunk=chunk, max_memory=max_memory, threads=threads,
                       allow_nonfinite=allow_nonfinite)
-    if cfg.check is not None:
-        _validate_checkable(plan)
+    for warning in plan.warnings:
+        echo(f"warning: {warning}")
     result = execute(plan, quiet=quiet, resume=resume)
     if cfg.check is not None:
         _check_outputs(plan, result, quiet, echo)
     if cfg.output.push_to_hub is not None:
         _push_outputs(plan, result, quiet, echo)
     return result
-
-
-def _validate_checkable(plan: Plan) -> None:
-    """Fail before merging, not after, if the check section cannot run on this model."""
-    from .errors import ConfigError
-    from .gemma2 import Gemma2Config
-
-    Gemma2Config.from_folder(plan.init.path)
-    if plan.config.check.prompts and not (plan.init.path / "tokenizer.json").is_file():
-        raise ConfigError("check.prompts needs a tokenizer.json in the init folder; "
-                          "remove the prompts to check on built-in token sequences")
 
 
 def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
@@ -65,7 +54,10 @@ def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
     for folder, eta in zip(result.outputs, plan.etas, strict=True):
         report = check_models(folder, against, prompts=check.prompts,
                               max_new_tokens=check.max_new_tokens, progress=not quiet)
-        provenance = {**result.provenance, "eta": eta, "check": report.to_dict()}
+        figures = report.to_dict()
+        for entry in [figures["model"], *figures["against"]]:  # no local paths in files
+            entry["path"] = Path(entry["path"]).name
+        provenance = {**result.provenance, "eta": eta, "check": figures}
         write_provenance(folder, provenance, read_license(plan.init.path))
         echo(f"Check of {folder.name}:\n{format_report(report)}")
 

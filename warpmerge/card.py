@@ -199,35 +199,27 @@ def _angles(groups: list[dict], runs: list[dict]) -> list[str]:
 
 
 def _check(check: dict, names: _Names) -> list[str]:
-    """The figures of `warpmerge check`, as a table of models by metric."""
-    lines: list[str] = []
-    models = check.get("models")
-    if isinstance(models, dict) and models:
-        rows = {name: _flatten(v) for name, v in models.items()}
-        columns = list(dict.fromkeys(c for row in rows.values() for c in row))
-        lines += ["| model | " + " | ".join(columns) + " |",
-                  "|---|" + "---|" * len(columns)]
-        for name, row in rows.items():
-            cells = [_cell(row.get(c)) for c in columns]
-            lines.append(f"| `{_model_name(name, names)}` | " + " | ".join(cells) + " |")
-        lines.append("")
-    for key, value in check.items():
-        if key != "models" and isinstance(value, str | int | float | bool):
-            lines.append(f"- {key}: {_cell(value)}")
-    return lines or ["(no figures)"]
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(value, dict):
-        return {prefix or "value": value}
-    out: dict[str, Any] = {}
-    for key, sub in value.items():
-        name = f"{prefix} {key}".strip()
-        if isinstance(sub, dict):
-            out.update(_flatten(sub, name))
-        elif isinstance(sub, str | int | float | bool) or sub is None:
-            out[name] = sub
-    return out
+    """The figures of `warpmerge check` (the report's to_dict), as a table of models."""
+    model = check.get("model")
+    if not isinstance(model, dict):
+        return ["(no figures)"]
+    tokens = check.get("check_tokens") or {}
+    lines = [
+        f"On {tokens.get('sequences', '?')} {tokens.get('source', '')} check sequences "
+        f"({tokens.get('positions', '?')} positions), computed in {check.get('dtype', '?')}. "
+        "KL is per position, in nats, from the other model to this one.",
+        "",
+        "| model | NLL | KL | reverse KL | top-1 agreement |",
+        "|---|---|---|---|---|",
+        f"| this merge | {_cell(model.get('nll'))} | – | – | – |",
+    ]
+    for other in check.get("against") or []:
+        if isinstance(other, dict):
+            lines.append(
+                f"| `{_model_name(str(other.get('path', '?')), names)}` | "
+                f"{_cell(other.get('nll'))} | {_cell(other.get('kl'))} | "
+                f"{_cell(other.get('kl_reverse'))} | {_cell(other.get('top1_agreement'))} |")
+    return lines
 
 
 def _model_name(name: str, names: _Names) -> str:

@@ -79,6 +79,8 @@ def run(
     if dry_run:
         plan = plan_merge(cfg, out, force=force, progress=not quiet, dry_run=True,
                           chunk=chunk_size, max_memory=budget, threads=threads)
+        for warning in plan.warnings:
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(describe_plan(plan))
         typer.echo("Dry run: nothing written.")
         return

@@ -141,7 +141,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs, bar: Any
 
 
 def _chunk_bytes(plan: Plan, c: Any) -> int:
-    return c.count * sum(ck.lookup(c.info.name).dtype.itemsize for ck in plan.inputs)
+    return c.count * sum(ck.lookup(c.info.name).dtype.itemsize for ck in plan.read_inputs)
 
 
 def _progress(total: int, quiet: bool) -> Any:

@@ -31,9 +31,18 @@ def fingerprint(plan: Plan) -> str:
     data = {
         "version": __version__,
         "config": config,
-        "inputs": [[f.header_sha256 for f in c.files] for c in plan.inputs],
+        # headers, sizes and modification times: a file replaced since is not resumed
+        "inputs": [[(f.header_sha256, f.size, _mtime(c.path / f.name)) for f in c.files]
+                   for c in plan.inputs],
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
 
 
 @dataclass

@@ -13,11 +13,12 @@ import torch
 from . import __version__
 from .errors import InputError
 from .plan import Plan
-from .sources import HEAD_NAME
+from .sources import HEAD_NAME, Checkpoint
 
 MODEL_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.json", "merges.txt", "vocab.txt",
 )
 
 
@@ -29,7 +30,7 @@ def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]
         {
             "role": "init" if c is plan.init else "checkpoint",
             "run": run_of.get(id(c)),
-            "ref": c.ref,
+            "ref": _shown_ref(plan, c),
             "repo_id": c.repo_id,
             "revision": c.revision,
             "commit": c.commit,
@@ -52,6 +53,16 @@ def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]
         "groups": groups,
         "check": None,
     }
+
+
+def _shown_ref(plan: Plan, c: Checkpoint) -> str:
+    """A Hub id as written; a local path relative to the config's folder, never absolute."""
+    if c.repo_id is not None:
+        return c.ref
+    try:
+        return c.path.resolve().relative_to(plan.config.base_dir).as_posix()
+    except ValueError:
+        return c.path.name
 
 
 def write_metadata(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None:

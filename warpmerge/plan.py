@@ -7,7 +7,7 @@ and every validation error is raised before any output exists.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from .config import WarpConfig, format_eta
 from .errors import ConfigError
 from .ops import ema_coefficients
-from .sources import Checkpoint, TensorInfo, check_compatible, locate
+from .sources import HEAD_NAME, Checkpoint, TensorInfo, check_compatible, locate
 from .writer import OutTensor, ShardedWriter
 
 BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
@@ -53,12 +53,21 @@ class Plan:
     ema_root: Path | None
     chunk: int
     max_memory: int
+    save_coefs: list[list[float]]  # the EMA weights of each run, for `ema.save`
     threads: int = 1
     allow_nonfinite: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def inputs(self) -> list[Checkpoint]:
         return [self.init] + [c for run in self.runs for c in run]
+
+    @property
+    def read_inputs(self) -> list[Checkpoint]:
+        """The inputs whose bytes the merge reads: checkpoints with a zero weight are not."""
+        used = [c for run, a in zip(self.runs, self.ema_coefs, strict=True)
+                for c, w in zip(run, a, strict=True) if w != 0.0]
+        return [self.init] + used
 
     @property
     def n_outputs(self) -> int:
@@ -93,7 +102,7 @@ class Plan:
                 if not t.is_float:
                     total += t.nbytes
                     continue
-                per = sum(c.lookup(t.name).nbytes for c in self.inputs)
+                per = sum(c.lookup(t.name).nbytes for c in self.read_inputs)
                 total += per * (2 if self.needs_gram and not self.cacheable(g) else 1)
         return total
 
@@ -171,15 +180,32 @@ def plan_merge(config: WarpConfig, out: Path | None = None, *, force: bool = Fal
         if ema_root == root or ema_root.is_relative_to(root) or root.is_relative_to(ema_root):
             raise ConfigError(f"ema.save ({ema_root}) overlaps output.path ({root})")
     chunk = max(BLOCK, ((chunk or DEFAULT_CHUNK) // BLOCK) * BLOCK)
+    if config.check is not None:
+        _check_checkable(init, config)
+    warnings = [f"{c.label}: has its own {HEAD_NAME}, but the init ties it to the embedding; "
+                "the output stays tied and that tensor is not merged"
+                for c in inputs[1:] if HEAD_NAME in c.tensors and HEAD_NAME not in init.tensors]
+    ema = config.ema
     return Plan(
         config=config, init=init, runs=runs, run_names=run_names,
-        ema_coefs=[ema_coefficients(len(r), config.ema.mu, config.ema.every, config.ema.start,
-                                    config.ema.use) for r in runs],
+        ema_coefs=[ema_coefficients(len(r), ema.mu, ema.every, ema.start, ema.use) for r in runs],
+        save_coefs=[ema_coefficients(len(r), ema.mu, ema.every, ema.start) for r in runs],
         groups=groups, out_tensors=out_tensors, output_root=root,
         output_dirs=config.output_dirs(out), etas=list(config.liti.eta), ema_root=ema_root,
         chunk=chunk, max_memory=max_memory or default_max_memory(),
         threads=threads or torch.get_num_threads(), allow_nonfinite=allow_nonfinite,
+        warnings=warnings,
     )
+
+
+def _check_checkable(init: Checkpoint, config: WarpConfig) -> None:
+    """Fail before merging, not after, if the `check:` section cannot run on this model."""
+    from .gemma2 import Gemma2Config
+
+    Gemma2Config.from_folder(init.path)
+    if config.check.prompts and not (init.path / "tokenizer.json").is_file():
+        raise ConfigError("check.prompts needs a tokenizer.json in the init folder; "
+                          "remove the prompts to check on built-in token sequences")
 
 
 def human(n: float) -> str:

@@ -139,25 +139,30 @@ class Streamer:
         separate elementwise ops (no fused multiply-add), so chunking never changes a bit.
         """
         n = c.count
-        x0, tmp = ws.x0[:n], ws.tmp[:n]
+        x0 = ws.x0[:n]
         self._read(ws, self.plan.init, c, x0)
         deltas = []
         for m, (run, coefs) in enumerate(zip(self.plan.runs, self.plan.ema_coefs, strict=True)):
-            d = ws.deltas[m, :n]
-            first = True
-            for ckpt, a in zip(run, coefs, strict=True):
-                if a == 0.0:
-                    continue
-                target = d if first else tmp
-                self._read(ws, ckpt, c, target)
-                target.sub_(x0)
-                if a != 1.0:
-                    target.mul_(a)
-                if not first:
-                    d.add_(tmp)
-                first = False
-            deltas.append(d)
+            deltas.append(self._accumulate(ws, c, run, coefs, x0, ws.deltas[m, :n]))
         return x0, deltas
+
+    def _accumulate(self, ws: Workspace, c: Chunk, run: list[Checkpoint], coefs: list[float],
+                    x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """d = Σ_t a_t·(θ_t − θ_init) over one run's checkpoints, in place."""
+        tmp = ws.tmp[:c.count]
+        first = True
+        for ckpt, a in zip(run, coefs, strict=True):
+            if a == 0.0:
+                continue
+            target = d if first else tmp
+            self._read(ws, ckpt, c, target)
+            target.sub_(x0)
+            if a != 1.0:
+                target.mul_(a)
+            if not first:
+                d.add_(tmp)
+            first = False
+        return d
 
     def gram_job(self, ws: Workspace, c: Chunk) -> list[list[float]]:
         """Pass 1 for one chunk: block partial sums of ⟨δ_i, δ_j⟩ (i ≤ j) and ‖θ_init‖²."""
@@ -208,6 +213,9 @@ class Streamer:
             outs.append(ws.out(k, dtype, n))
             outs[-1].copy_(tmp)
         for m, d in enumerate(deltas if self.plan.ema_root else []):
+            if self.plan.save_coefs[m] != self.plan.ema_coefs[m]:  # `use: last` merges the
+                run = self.plan.runs[m]  # last checkpoints, but `save` writes the EMAs
+                d = self._accumulate(ws, c, run, self.plan.save_coefs[m], x0, merged)
             out = ws.out(len(self.plan.etas) + m, dtype, n)
             torch.add(x0, d, out=tmp)
             out.copy_(tmp)
