@@ -22,6 +22,11 @@ BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the su
 DEFAULT_CHUNK = 1 << 18  # elements per chunk: a worker's buffers stay in the CPU cache
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LAYER = re.compile(r"^(.*?layers\.\d+)\.")
+CACHE_ALIGN = 64  # elements
+
+
+def aligned(n: int) -> int:
+    return -(-n // CACHE_ALIGN) * CACHE_ALIGN
 
 
 @dataclass
@@ -34,6 +39,13 @@ class Group:
     @property
     def float_numel(self) -> int:
         return sum(t.numel for t in self.tensors if t.is_float)
+
+    @property
+    def cache_numel(self) -> int:
+        """Elements of one cached vector of the group: each tensor starts CACHE_ALIGN-aligned,
+        so a chunk sits at the same memory alignment in the cache as in a work buffer (and
+        vectorized reductions see the same data layout)."""
+        return sum(aligned(t.numel) for t in self.tensors if t.is_float)
 
 
 @dataclass
@@ -88,7 +100,7 @@ class Plan:
         return per_worker * (self.threads + 1)
 
     def cache_bytes(self, group: Group) -> int:
-        return (len(self.runs) + 1) * 4 * group.float_numel
+        return (len(self.runs) + 1) * 4 * group.cache_numel
 
     def cacheable(self, group: Group) -> bool:
         """Whether pass 1 keeps the group's task vectors so that pass 2 reads nothing."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .plan import BLOCK, Group, Plan
+from .plan import BLOCK, Group, Plan, aligned
 from .sources import Checkpoint, TensorInfo
 
 
@@ -43,7 +43,7 @@ def chunks(plan: Plan, group: Group, floats: bool) -> Iterator[Chunk]:
         for start in range(0, info.numel, plan.chunk):
             count = min(plan.chunk, info.numel - start)
             yield Chunk(info, start, count, offset + start)
-        offset += info.numel
+        offset += aligned(info.numel)
 
 
 class Workspace:
@@ -77,7 +77,7 @@ class Streamer:
             self.free.put(Workspace(plan))
         self.cache: torch.Tensor | None = None  # this group's θ_init and δ_m, when kept
         self._store: torch.Tensor | None = None  # the memory behind it, reused by every group
-        self.group_numel = 0
+        self.cache_numel = 0
         self.coefs: list[float] = []
         self.out_dtypes = {t.name: t.dtype for t in plan.out_tensors}
 
@@ -135,16 +135,24 @@ class Streamer:
     def task_vectors(self, ws: Workspace, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ_init and δ_m = Σ_t a_{m,t}·(θ_{m,t} − θ_init) for one chunk, in float32.
 
+        Computed straight into the group cache when there is one, else into the workspace.
         Differences first: a tensor a run never changed gives an exactly zero δ_m. Only
         separate elementwise ops (no fused multiply-add), so chunking never changes a bit.
         """
-        n = c.count
-        x0 = ws.x0[:n]
+        x0, targets = self._targets(ws, c)
         self._read(ws, self.plan.init, c, x0)
-        deltas = []
-        for m, (run, coefs) in enumerate(zip(self.plan.runs, self.plan.ema_coefs, strict=True)):
-            deltas.append(self._accumulate(ws, c, run, coefs, x0, ws.deltas[m, :n]))
+        deltas = [self._accumulate(ws, c, run, coefs, x0, d) for run, coefs, d
+                  in zip(self.plan.runs, self.plan.ema_coefs, targets, strict=True)]
         return x0, deltas
+
+    def _targets(self, ws: Workspace, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Where a chunk's θ_init and task vectors live: cache slices, or workspace buffers."""
+        n, M = c.count, len(self.plan.runs)
+        if self.cache is None:
+            return ws.x0[:n], [ws.deltas[m, :n] for m in range(M)]
+        g = self.cache_numel
+        views = [self.cache[g * k + c.offset:][:n] for k in range(M + 1)]
+        return views[0], views[1:]
 
     def _accumulate(self, ws: Workspace, c: Chunk, run: list[Checkpoint], coefs: list[float],
                     x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -177,21 +185,13 @@ class Streamer:
                 sums[k].append(torch.dot(vectors[i][s:e], vectors[j][s:e]).item())
         if not self.plan.allow_nonfinite and not all(map(math.isfinite, sums[-1])):
             self.find_nonfinite(c)
-        if self.cache is not None:
-            g = self.group_numel
-            self.cache[c.offset:c.offset + c.count].copy_(x0)
-            for m, d in enumerate(deltas):
-                start = g * (m + 1) + c.offset
-                self.cache[start:start + c.count].copy_(d)
         return sums
 
     def write_job(self, ws: Workspace, c: Chunk) -> list[torch.Tensor]:
         """Pass 2 for one chunk: θ_init + η·Σ c_m δ_m per η, then θ_init + δ_m per saved EMA."""
         n = c.count
-        if self.cache is not None:
-            g = self.group_numel
-            x0 = self.cache[c.offset:c.offset + n]
-            deltas = [self.cache[g * (m + 1) + c.offset:][:n] for m in range(len(self.plan.runs))]
+        if self.cache is not None:  # pass 1 left them there
+            x0, deltas = self._targets(ws, c)
         else:
             x0, deltas = self.task_vectors(ws, c)
         merged, tmp = ws.merged[:n], ws.tmp[:n]
@@ -235,7 +235,7 @@ class Streamer:
 
     def begin_group(self, group: Group, cache: bool) -> None:
         """Point the cache at this group (allocated once, at the largest size needed)."""
-        self.group_numel = group.float_numel
+        self.cache_numel = group.cache_numel
         if not cache:
             self.cache = None
             return
