@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -101,9 +102,13 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(sys, "argv", ["warpmerge", *args])
     monkeypatch.delenv("WARPMERGE_DEBUG", raising=False)
     code = 0
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:  # main() installs its own
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     out = capsys.readouterr()
     return code, out.out, out.err

@@ -233,6 +233,23 @@ def test_config_layouts(tmp_path: Path) -> None:
     assert (fixture.attn_logit_softcapping, fixture.final_logit_softcapping) == (2.0, 3.0)
 
 
+@pytest.mark.parametrize(
+    ("change", "culprit"),
+    [
+        ({"layer_types": ["sliding_attention"]}, "layer_types"),
+        ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "rope_type"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads"),
+        ({"hidden_size": "64"}, "hidden_size"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"hidden_activation": "relu"}, "hidden_activation"),
+    ],
+)
+def test_config_errors_name_the_field(change: dict, culprit: str) -> None:
+    raw = json.loads((FIXTURE / "config.json").read_text())
+    with pytest.raises(InputError, match=culprit):
+        Gemma2Config.from_dict({**raw, **change})
+
+
 def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="does not exist"):
         Gemma2.from_pretrained(tmp_path / "nope")

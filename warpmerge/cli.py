@@ -146,20 +146,36 @@ def demo(
     run_demo(out, quiet=quiet)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _interrupt(signum: int, frame: object) -> None:
+    from .errors import Interrupted
+
+    raise Interrupted
 
 
 def main() -> None:
     """Console entry point: one line on stderr and the contract's exit code for our errors."""
     from .errors import WarpError
 
-    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     debug = os.environ.get("WARPMERGE_DEBUG") == "1" or "--debug" in sys.argv
+    click_error = typer.BadParameter.__mro__[2]  # ClickException, from typer's own click
     try:
-        app()  # click handles usage errors (exit 2) and Ctrl-C (exit 1) itself
+        code = app(standalone_mode=False)
     except WarpError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(exc.exit_code)
+    except click_error as exc:  # usage errors: one line too, with where to get help
+        message = " ".join(exc.format_message().split())
+        if message:  # empty after `warpmerge` alone has printed the help
+            known = {c.name or c.callback.__name__ for c in app.registered_commands}
+            command = next((a for a in sys.argv[1:] if a in known), "")
+            hint = f"see 'warpmerge {command + ' ' if command else ''}--help'"
+            typer.echo(f"error: {message} ({hint})", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

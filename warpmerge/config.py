@@ -48,7 +48,10 @@ def parse_size(value: int | str, what: str = "size") -> int:
         if not m or m.group(2).upper() not in SIZE_UNITS:
             raise ValueError(f"{what} must be like '5GB', '500MB' or a number of bytes")
         number, unit = float(m.group(1)), m.group(2).upper()
-    size = int(number * SIZE_UNITS[unit])
+    size = number * SIZE_UNITS[unit]
+    if not math.isfinite(size) or size >= 2**63:
+        raise ValueError(f"{what} is too large")
+    size = int(size)
     if size <= 0:
         raise ValueError(f"{what} must be greater than 0")
     return size
@@ -272,6 +275,19 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads 1e-2 as a float (YAML 1.1 insists on '1.0e-2')."""
 
 
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping that refuses a key given twice (PyYAML silently keeps the last one)."""
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, str | int | float | bool) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key '{key}' is given twice", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -315,7 +331,7 @@ def describe_validation_error(
     loc = _clean_loc(first["loc"])
     ctx = first.get("ctx") or {}
     if first["type"] == "unknown_key":
-        loc = loc + (ctx["key"],)
+        loc = loc + (ctx["key"] if ctx["key"].isprintable() else repr(ctx["key"]),)
     msg = first["msg"].removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:] if msg else msg
     line = None
@@ -325,10 +341,12 @@ def describe_validation_error(
                 line = lines[loc[:n]]
                 break
     where = f"{source}:{line}" if line else source
+    where += f": {_loc_text(loc)}" if loc else ""
+    msg = " ".join(msg.split())
     got = ""
     if first["type"] not in ("unknown_key", "missing") and not isinstance(first["input"], dict):
-        got = f" (got {first['input']!r})"
-    return f"{where}: {_loc_text(loc)}: {msg}{got}"
+        got = f" (got {first['input']!r})"[:200]
+    return f"{where}: {msg}{got}"
 
 
 def load_config(path: str | Path) -> WarpConfig:
@@ -336,7 +354,12 @@ def load_config(path: str | Path) -> WarpConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path.name}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path.name}: cannot read the config ({exc.strerror})") from None
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)
@@ -344,12 +367,21 @@ def load_config(path: str | Path) -> WarpConfig:
         mark = exc.problem_mark or exc.context_mark
         line = f":{mark.line + 1}" if mark else ""
         raise ConfigError(f"{path.name}{line}: YAML syntax error: {exc.problem}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(f"{path.name}:{line}: YAML syntax error: control character "
+                          f"{exc.character!r} is not allowed") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path.name}: YAML error: {exc}") from None
+        detail = " ".join(str(exc).split())
+        raise ConfigError(f"{path.name}: YAML error: {detail}") from None
+    except RecursionError:
+        raise ConfigError(f"{path.name}: YAML nested too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path.name}: expected a mapping of keys (init, policies, ...)")
     try:
         config = WarpConfig.model_validate(data)
+    except RecursionError:
+        raise ConfigError(f"{path.name}: YAML nested too deeply") from None
     except ValidationError as exc:
         lines = _key_lines(node) if node is not None else {}
         raise ConfigError(describe_validation_error(exc, path.name, lines)) from None

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import RunError
+from .errors import Interrupted, RunError
 from .journal import NAME as JOURNAL
 from .journal import Journal, fingerprint
 from .metadata import build_provenance, write_metadata
@@ -209,7 +209,7 @@ def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResu
     except BaseException as exc:
         for st in stagings:
             st.discard()
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(exc, KeyboardInterrupt | Interrupted):
             raise RunError("interrupted; the partial output was removed") from None
         if isinstance(exc, OSError):
             if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):

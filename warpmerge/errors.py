@@ -35,3 +35,11 @@ class HubError(WarpError):
     """The Hub, the network or authentication failed (exit 3)."""
 
     exit_code = 3
+
+
+class Interrupted(RunError):
+    """Ctrl-C or SIGTERM: raised by the CLI's signal handlers in place of KeyboardInterrupt,
+    which the command-line framework would otherwise turn into a silent exit."""
+
+    def __init__(self) -> None:
+        super().__init__("interrupted; nothing was written")

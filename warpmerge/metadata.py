@@ -11,15 +11,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import InputError
 from .plan import Plan
-from .sources import HEAD_NAME, Checkpoint
-
-MODEL_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "vocab.json", "merges.txt", "vocab.txt",
-)
+from .sources import HEAD_NAME, MODEL_FILES, Checkpoint
 
 
 def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -68,12 +61,8 @@ def _shown_ref(plan: Plan, c: Checkpoint) -> str:
 def write_metadata(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None:
     """config.json (dtype updated), tokenizer and generation files, warpmerge.json, card."""
     src = plan.init.path
-    config_path = src / "config.json"
-    if config_path.is_file():
-        try:
-            cfg = json.loads(config_path.read_text())
-        except ValueError:
-            raise InputError(f"init: config.json is not valid JSON ({src})") from None
+    cfg = dict(plan.model_config) if plan.model_config is not None else None
+    if cfg is not None:
         if plan.config.output.dtype:
             for key in [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]:
                 cfg[key] = plan.config.output.dtype

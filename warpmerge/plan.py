@@ -15,7 +15,14 @@ import torch
 from .config import WarpConfig, format_eta
 from .errors import ConfigError
 from .ops import ema_coefficients
-from .sources import HEAD_NAME, Checkpoint, TensorInfo, check_compatible, locate
+from .sources import (
+    HEAD_NAME,
+    Checkpoint,
+    TensorInfo,
+    check_compatible,
+    locate,
+    read_model_config,
+)
 from .writer import OutTensor, ShardedWriter
 
 BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
@@ -69,6 +76,7 @@ class Plan:
     threads: int = 1
     allow_nonfinite: bool = False
     warnings: list[str] = field(default_factory=list)
+    model_config: dict | None = None  # the init's config.json, copied with dtype updated
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -175,6 +183,7 @@ def plan_merge(config: WarpConfig, out: Path | None = None, *, force: bool = Fal
                    progress, dry_run)
             for t, ref in enumerate(refs)
         ])
+    model_config = read_model_config(init)
     names = list(init.tensors)
     inputs = [init] + [c for run in runs for c in run]
     for ckpt in inputs[1:]:
@@ -206,7 +215,7 @@ def plan_merge(config: WarpConfig, out: Path | None = None, *, force: bool = Fal
         output_dirs=config.output_dirs(out), etas=list(config.liti.eta), ema_root=ema_root,
         chunk=chunk, max_memory=max_memory or default_max_memory(),
         threads=threads or torch.get_num_threads(), allow_nonfinite=allow_nonfinite,
-        warnings=warnings,
+        warnings=warnings, model_config=model_config,
     )
 
 

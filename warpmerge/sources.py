@@ -32,6 +32,12 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 HEAD_NAME, EMBED_NAME = "lm_head.weight", "model.embed_tokens.weight"
+# copied from the init into every output, besides config.json
+MODEL_FILES = (
+    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.json", "merges.txt", "vocab.txt",
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Checkpoint:
     revision: str | None = None
     commit: str | None = None
     download_bytes: int = 0
+    trust_links: bool = False  # a Hub snapshot: its files are links into the cache
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
 
     def lookup(self, name: str) -> TensorInfo | None:
@@ -113,16 +120,30 @@ class Checkpoint:
         self._fds.clear()
 
 
+def _show(name: str) -> str:
+    """A file name for a message: as is, or quoted when it holds control characters."""
+    return name if name.isprintable() else repr(name)
+
+
 def _inside(folder: Path, name: str, what: str, label: str, trust_links: bool) -> Path:
     """The path of `name` in `folder`, refusing names and links that lead outside it."""
-    if not name or "/" in name or "\\" in name or name in (".", "..") or os.path.isabs(name):
+    if (not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..")
+            or os.path.isabs(name)):
         raise InputError(f"{label}: {what} names a file outside the model folder: {name!r}")
     path = folder / name
-    if not trust_links and path.is_symlink():
-        real, root = path.resolve(), folder.resolve()
-        if not real.is_relative_to(root):
-            raise InputError(f"{label}: {name} is a symlink leading outside the model folder")
+    if not trust_links and path.is_symlink() and not path.resolve().is_relative_to(
+            _link_root(folder)):
+        raise InputError(f"{label}: {_show(name)} is a symlink leading outside the model folder")
     return path
+
+
+def _link_root(folder: Path) -> Path:
+    """Where a model folder's links may lead: inside it, or for a Hub cache snapshot
+    (models--org--name/snapshots/<sha>), inside that repo's cache folder (its blobs)."""
+    folder = folder.resolve()
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.parent.parent
+    return folder
 
 
 def read_header(path: Path, label: str) -> tuple[dict[str, TensorInfo], FileInfo]:
@@ -149,7 +170,7 @@ def parse_header(raw: bytes, size: int, path: Path, label: str) -> dict[str, Ten
     """Check a header's JSON against its file size: every tensor must lie inside the data."""
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise InputError(f"{label}: {path.name} has a corrupt safetensors header") from None
     if not isinstance(header, dict):
         raise InputError(f"{label}: {path.name} has a corrupt safetensors header")
@@ -162,7 +183,8 @@ def parse_header(raw: bytes, size: int, path: Path, label: str) -> dict[str, Ten
         bad = f"{label}: {path.name}: tensor {name!r} has a corrupt header entry"
         if not isinstance(entry, dict):
             raise InputError(bad)
-        dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+        code = entry.get("dtype")
+        dtype = DTYPES.get(code) if isinstance(code, str) else None
         if dtype is None:
             raise InputError(f"{label}: {path.name}: tensor {name} has unsupported dtype "
                              f"{entry.get('dtype')!r}")
@@ -195,11 +217,16 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links:
     index_path = path / INDEX_FILE
     if index_path.exists():
         _inside(path, INDEX_FILE, "index", label, trust_links)
+        bad_index = InputError(f"{label}: {INDEX_FILE} is not a valid index")
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, TypeError, AssertionError, UnicodeDecodeError):
-            raise InputError(f"{label}: {INDEX_FILE} is not a valid index") from None
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            raise bad_index from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise bad_index
+        if not weight_map:
+            raise InputError(f"{label}: {INDEX_FILE} lists no tensors")
         shard_names = list(dict.fromkeys(weight_map.values()))
     elif (path / SINGLE_FILE).exists() or (remote and SINGLE_FILE in remote):
         weight_map, shard_names = None, [SINGLE_FILE]
@@ -224,7 +251,7 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links:
             info = FileInfo(shard, size, hashlib.sha256(len(raw).to_bytes(8, "little") + raw)
                             .hexdigest())
         elif not file_path.exists():
-            raise InputError(f"{label}: {INDEX_FILE} names a missing shard {shard}")
+            raise InputError(f"{label}: {INDEX_FILE} names a missing shard {_show(shard)}")
         else:
             found, info = read_header(file_path, label)
         files.append(info)
@@ -238,7 +265,25 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links:
                                          "which does not contain it")
                     tensors[name] = found[name]
     ordered = dict(sorted(tensors.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)))
-    return Checkpoint(label, ref or str(path), path, ordered, files)
+    return Checkpoint(label, ref or str(path), path, ordered, files, trust_links=trust_links)
+
+
+def read_model_config(ckpt: Checkpoint) -> dict | None:
+    """The model's config.json, checked along with the other files the output copies:
+    none may be a link leading outside the folder, and config.json must be a JSON object."""
+    for name in ("config.json", *MODEL_FILES):
+        if (ckpt.path / name).exists():
+            _inside(ckpt.path, name, name, ckpt.label, ckpt.trust_links)
+    path = ckpt.path / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raise InputError(f"{ckpt.label}: config.json is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{ckpt.label}: config.json is not a JSON object")
+    return config
 
 
 def _looks_local(ref: str, base_dir: Path) -> bool:
