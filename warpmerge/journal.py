@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,8 +93,6 @@ class Journal:
     def _append(self, entry: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
 
     def shard_done(self, rel: str, size: int, crc: int) -> None:
         self.shards[rel] = (size, crc)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class Checkpoint:
     download_bytes: int = 0
     trust_links: bool = False  # a Hub snapshot: its files are links into the cache
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     def lookup(self, name: str) -> TensorInfo | None:
         """The tensor, with an absent lm_head.weight meaning 'tied to the embedding'."""
@@ -94,9 +96,14 @@ class Checkpoint:
         return info
 
     def read_into(self, info: TensorInfo, start: int, count: int, raw: bytearray) -> torch.Tensor:
-        """Elements [start, start+count) of a tensor, as a view on `raw` (no allocation)."""
+        """Elements [start, start+count) of a tensor: a view on the file's map once
+        `open_files` has run, else read into `raw`. No allocation either way."""
         size = info.dtype.itemsize
         nbytes = count * size
+        mapped = self._maps.get(info.file)
+        if mapped is not None and count:
+            return torch.frombuffer(mapped, dtype=info.dtype, count=count,
+                                    offset=info.offset + start * size)
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
@@ -109,12 +116,24 @@ class Checkpoint:
         )
 
     def open_files(self) -> None:
-        """Open every file up front: worker threads then share the descriptors, read-only."""
+        """Open and map every file up front: worker threads share the maps, read-only.
+
+        Reading through a map spares the copy into a buffer: tensors are converted to float32
+        straight from the page cache (file-backed memory, not the process's own).
+        """
         for info in self.tensors.values():
             if info.file not in self._fds:
-                self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                # a private map: torch wants a writable buffer, and nothing ever writes to it
+                self._maps[info.file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
 
     def close(self) -> None:
+        for mapped in self._maps.values():
+            try:
+                mapped.close()
+            except BufferError:  # a tensor still views it: the map goes with that tensor
+                pass
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

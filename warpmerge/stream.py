@@ -137,7 +137,8 @@ class Streamer:
 
         Computed straight into the group cache when there is one, else into the workspace.
         Differences first: a tensor a run never changed gives an exactly zero δ_m. Only
-        separate elementwise ops (no fused multiply-add), so chunking never changes a bit.
+        elementwise ops, each computing every element the same way wherever a chunk starts or
+        ends, so chunking never changes a bit (tests/test_engine.py checks this).
         """
         x0, targets = self._targets(ws, c)
         self._read(ws, self.plan.init, c, x0)
@@ -165,10 +166,11 @@ class Streamer:
             target = d if first else tmp
             self._read(ws, ckpt, c, target)
             target.sub_(x0)
-            if a != 1.0:
-                target.mul_(a)
-            if not first:
-                d.add_(tmp)
+            if first:
+                if a != 1.0:
+                    target.mul_(a)
+            else:
+                d.add_(tmp, alpha=a)
             first = False
         return d
 
@@ -195,12 +197,9 @@ class Streamer:
         else:
             x0, deltas = self.task_vectors(ws, c)
         merged, tmp = ws.merged[:n], ws.tmp[:n]
-        merged.copy_(deltas[0])
-        if self.coefs[0] != 1.0:
-            merged.mul_(self.coefs[0])
+        torch.mul(deltas[0], self.coefs[0], out=merged)
         for coef, d in zip(self.coefs[1:], deltas[1:], strict=True):
-            torch.mul(d, coef, out=tmp)
-            merged.add_(tmp)
+            merged.add_(d, alpha=coef)
         if not self.plan.allow_nonfinite and not (
             math.isfinite(merged.sum().item()) and math.isfinite(x0.sum().item())
         ):
@@ -208,8 +207,7 @@ class Streamer:
         dtype = self.out_dtypes[c.info.name]
         outs = []
         for k, eta in enumerate(self.plan.etas):
-            torch.mul(merged, eta, out=tmp)
-            tmp.add_(x0)
+            torch.add(x0, merged, alpha=eta, out=tmp)
             outs.append(ws.out(k, dtype, n))
             outs[-1].copy_(tmp)
         for m, d in enumerate(deltas if self.plan.ema_root else []):

@@ -1,0 +1,1009 @@
+#!/usr/bin/env python
+"""Benchmark warpmerge's fused WARP merge against mergekit and against an I/O floor.
+
+A Gemma-2-shaped random setup (an init and RL runs of several checkpoints, bfloat16, sharded at
+100 MB) is generated once per size and cached in the work folder. Then, alternating the methods
+across repeats and taking medians, it measures:
+
+  warpmerge        `python -m warpmerge run` (EMA, SLERP per tensor, LITI eta 0.3, bf16 out)
+  warpmerge-layer  the same with the default layer granularity
+  mergekit         the same merge with `mergekit-yaml`: one `linear` per run with the EMA
+                   weights, `nuslerp` with the init as base, a `linear` for LITI (float32
+                   intermediates on disk, bf16 out)
+  floor            a plain script that reads every input tensor once with safetensors and
+                   writes one model of the output's size
+
+Each one is a subprocess; wall time is taken around it and its peak anonymous memory (RssAnon,
+the process and its children) is sampled every 10 ms. It prints the table, the ratios and how
+closely mergekit's output agrees with warpmerge's (and both with a float64 reference).
+
+    python benchmarks/bench_merge.py                       # the default size, 3 repeats
+    python benchmarks/bench_merge.py --sizes small,default,large --plot docs/performance.png
+    python benchmarks/bench_merge.py --memory-case --determinism --skip-mergekit
+
+Needs the `bench` extra (mergekit, matplotlib); without mergekit that method is skipped, without
+matplotlib the plot is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if (REPO / "warpmerge" / "__init__.py").is_file() and str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # measure this checkout, whatever else is pip-installed
+
+MU, EVERY, ETA = 0.01, 100, 0.3
+SHARD_BYTES = 100 * 10**6  # input shards: at most 100 MB, as the Hub's smaller models
+SAMPLE_S = 0.01  # RssAnon sampling interval
+RESCAN_EVERY = 5  # look for new child processes every this many samples
+TIMEOUT_S = 900.0  # per command; a merge running longer is taken for a hang (--timeout)
+
+BASE_CONFIG = {
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "vocab_size": 32000,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "query_pre_attn_scalar": 128,
+    "sliding_window": 4096,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 8192,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+
+# name -> (config overrides, runs, checkpoints per run)
+SIZES: dict[str, tuple[dict, int, int]] = {
+    "tiny": ({"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024,
+              "num_hidden_layers": 2}, 2, 3),
+    "small": ({"num_hidden_layers": 2}, 2, 3),
+    "default": ({}, 2, 3),
+    "large": ({"num_hidden_layers": 24}, 2, 3),
+    "xlarge": ({"num_hidden_layers": 40}, 2, 3),
+    # the memory goal: a 512 MiB bf16 embedding, 5 inputs, two eta values
+    "mem512": ({"vocab_size": 262144, "num_hidden_layers": 2}, 2, 2),
+}
+METHODS = ("warpmerge", "warpmerge-layer", "mergekit", "floor")
+
+# The I/O floor: start Python and torch, read every tensor of every input once with safetensors,
+# write one model of the output's size (the init's bytes) and fsync it, as warpmerge does.
+FLOOR_SCRIPT = r"""
+import json, os, sys
+import torch
+from safetensors import safe_open
+
+def shard_files(folder):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            names = dict.fromkeys(json.load(f)["weight_map"].values())
+        return [os.path.join(folder, n) for n in names]
+    return [os.path.join(folder, "model.safetensors")]
+
+out_path, inputs = sys.argv[1], sys.argv[2:]
+where = []
+for folder in inputs:
+    handles = {}
+    for path in shard_files(folder):
+        h = safe_open(path, framework="pt")
+        handles.update((k, h) for k in h.keys())
+    where.append(handles)
+names = list(where[0])
+header, offset = {"__metadata__": {"format": "pt"}}, 0
+for n in names:
+    s = where[0][n].get_slice(n)
+    shape, dtype = s.get_shape(), s.get_dtype()
+    size = 2 * (torch.Size(shape).numel())
+    header[n] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+    offset += size
+body = json.dumps(header, separators=(",", ":")).encode()
+body += b" " * (-len(body) % 8)
+with open(out_path, "wb", buffering=0) as f:
+    f.write(len(body).to_bytes(8, "little") + body)
+    for n in names:
+        tensors = [w[n].get_tensor(n) for w in where]
+        f.write(memoryview(tensors[0].contiguous().view(torch.uint8).numpy()))
+        del tensors
+    os.fsync(f.fileno())
+"""
+
+
+# Where warpmerge's time goes, in one process: CPU seconds of `import torch`, of the rest of
+# what `warpmerge run` imports, and of the merge itself (plan + execute), plus its wall time.
+BREAKDOWN_SCRIPT = r"""
+import json, sys, time
+cfg, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None
+c0, w0 = time.process_time(), time.perf_counter()
+import torch
+c1 = time.process_time()
+import warpmerge.cli
+from warpmerge.api import run
+import warpmerge.engine, warpmerge.config
+c2, w2 = time.process_time(), time.perf_counter()
+run(cfg, out=out, force=True, quiet=True, threads=threads)
+c3, w3 = time.process_time(), time.perf_counter()
+print(json.dumps({"import_torch": c1 - c0, "other_imports": c2 - c1, "merge_cpu": c3 - c2,
+                  "merge_wall": w3 - w2, "file": warpmerge.__file__}))
+"""
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --- setup generation ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    cfg: dict
+    runs: int
+    checkpoints: int
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        text = json.dumps([self.cfg, self.runs, self.checkpoints, self.seed, 2], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    @property
+    def run_names(self) -> list[str]:
+        return [f"run-{chr(ord('a') + r)}" for r in range(self.runs)]
+
+    def checkpoint_dirs(self, root: Path) -> list[list[Path]]:
+        return [[root / run / f"step-{(t + 1) * EVERY}" for t in range(self.checkpoints)]
+                for run in self.run_names]
+
+    def input_dirs(self, root: Path) -> list[Path]:
+        return [root / "init"] + [c for run in self.checkpoint_dirs(root) for c in run]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        from warpmerge.demo import gemma2_shapes
+
+        return gemma2_shapes(self.cfg)
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(s) for s in self.shapes().values())
+
+    @property
+    def n_inputs(self) -> int:
+        return 1 + self.runs * self.checkpoints
+
+
+def make_setup(name: str) -> Setup:
+    if name not in SIZES:
+        raise BenchError(f"unknown size {name!r} (known: {', '.join(SIZES)})")
+    overrides, runs, ckpts = SIZES[name]
+    return Setup(name, {**BASE_CONFIG, **overrides}, runs, ckpts)
+
+
+def _uniform(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Unit-variance uniform noise in float32 (several times faster than normal draws)."""
+    x = rng.random(n, dtype=np.float32)
+    x -= 0.5
+    x *= math.sqrt(12.0)
+    return x
+
+
+def _plan_shards(names: list[str], nbytes: dict[str, int]) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for n in names:
+        if shards[-1] and size + nbytes[n] > SHARD_BYTES:
+            shards.append([])
+            size = 0
+        shards[-1].append(n)
+        size += nbytes[n]
+    return shards
+
+
+def generate(setup: Setup, root: Path, log: bool = True) -> None:
+    """Write the init and every checkpoint as sharded bf16 safetensors, tensor by tensor.
+
+    Each run drifts from the init by small steps along its own random direction plus a shared
+    one, so task vectors are far from collinear (as in real RL runs). Every tensor has its own
+    seeded generator, so the data does not depend on the sharding.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    shapes = setup.shapes()
+    names = list(shapes)
+    nbytes = {n: 2 * math.prod(s) for n, s in shapes.items()}
+    shards = _plan_shards(names, nbytes)
+    files = ([f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+             if len(shards) > 1 else ["model.safetensors"])
+    dirs = setup.input_dirs(root)
+    partial = root.with_name(root.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    pdirs = setup.input_dirs(partial)
+    for d in pdirs:
+        d.mkdir(parents=True)
+    t0 = time.perf_counter()
+    for shard_names, fname in zip(shards, files, strict=True):
+        per_model: list[dict[str, torch.Tensor]] = [{} for _ in pdirs]
+        for name in shard_names:
+            shape = shapes[name]
+            n = math.prod(shape)
+            digest = hashlib.sha256(f"{setup.seed}/{name}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            scale = 0.1 if len(shape) == 1 else shape[-1] ** -0.5
+            init = _uniform(rng, n)
+            init *= scale
+            common = _uniform(rng, n)
+            common *= 0.3
+
+            def bf16(x: np.ndarray, shape: tuple[int, ...] = shape) -> torch.Tensor:
+                return torch.from_numpy(x).to(torch.bfloat16).reshape(shape)
+
+            per_model[0][name] = bf16(init)
+            k = 1
+            for _ in range(setup.runs):
+                cur = init.copy()
+                for _ in range(setup.checkpoints):
+                    step = _uniform(rng, n)
+                    step += common
+                    step *= 0.02 * scale
+                    cur += step
+                    per_model[k][name] = bf16(cur)
+                    k += 1
+            del init, common, cur, step
+        for d, tensors in zip(pdirs, per_model, strict=True):
+            save_file(tensors, str(d / fname), metadata={"format": "pt"})
+        del per_model
+    for d in pdirs:
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(nbytes.values())},
+                     "weight_map": {n: f for s, f in zip(shards, files, strict=True) for n in s}}
+            (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (d / "config.json").write_text(json.dumps(setup.cfg, indent=2) + "\n")
+    info = {**asdict(setup), "params": setup.params, "inputs": [str(p) for p in dirs],
+            "seconds": round(time.perf_counter() - t0, 1)}
+    (partial / "setup.json").write_text(json.dumps(info, indent=2) + "\n")
+    if root.exists():
+        shutil.rmtree(root)
+    partial.rename(root)
+    if log:
+        print(f"  generated {setup.name} in {info['seconds']} s", flush=True)
+
+
+def ensure_setup(setup: Setup, workdir: Path) -> Path:
+    root = workdir / "setups" / f"{setup.name}-{setup.key}"
+    if not (root / "setup.json").exists():
+        gb = setup.params * 2 * setup.n_inputs / 1e9
+        print(f"Generating the {setup.name} setup ({setup.params / 1e6:.0f}M parameters x "
+              f"{setup.n_inputs} inputs, {gb:.1f} GB) in {root} ...", flush=True)
+        generate(setup, root)
+    return root
+
+
+def input_bytes(setup: Setup, root: Path) -> int:
+    return sum(f.stat().st_size for d in setup.input_dirs(root) for f in d.glob("*.safetensors"))
+
+
+# --- configs -------------------------------------------------------------------------------
+
+def write_configs(setup: Setup, root: Path, cfg_dir: Path, mk_dtype: str,
+                  etas: list[float] | None = None) -> dict[str, Path]:
+    """The warpmerge configs (tensor and layer granularity) and the mergekit pipeline."""
+    import yaml
+
+    from warpmerge.ops import ema_coefficients
+
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    runs = setup.checkpoint_dirs(root)
+    etas = etas or [ETA]
+    paths: dict[str, Path] = {}
+    for gran in ("tensor", "layer"):
+        doc = {
+            "init": str(root / "init"),
+            "policies": [{"name": n, "checkpoints": [str(c) for c in run]}
+                         for n, run in zip(setup.run_names, runs, strict=True)],
+            "ema": {"mu": MU, "every": EVERY},
+            "slerp": {"granularity": gran},
+            "liti": {"eta": etas if len(etas) > 1 else etas[0]},
+            "output": {"path": "out", "dtype": "bfloat16", "shard_size": "5GB",
+                       "copy_tokenizer": False},
+        }
+        p = paths[f"wm-{gran}"] = cfg_dir / f"warp-{gran}.yaml"
+        p.write_text(yaml.safe_dump(doc, sort_keys=False))
+    coefs = ema_coefficients(setup.checkpoints, MU, EVERY)
+    mk_dir = cfg_dir / "mergekit"
+    mk_dir.mkdir(exist_ok=True)
+    for name, run in zip(setup.run_names, runs, strict=True):
+        models = [{"model": str(root / "init"), "parameters": {"weight": 1.0 - sum(coefs)}}]
+        models += [{"model": str(c), "parameters": {"weight": a}}
+                   for c, a in zip(run, coefs, strict=True)]
+        doc = {"merge_method": "linear", "parameters": {"normalize": False}, "models": models,
+               "dtype": mk_dtype, "out_dtype": mk_dtype}
+        (mk_dir / f"ema-{name}.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return paths
+
+
+def mergekit_stages(setup: Setup, root: Path, cfg_dir: Path, out: Path, mk_dtype: str,
+                    mk_bin: str) -> list[list[str]]:
+    """per-run linear (EMA) -> nuslerp with the init as base -> linear (LITI), on disk."""
+    import yaml
+
+    if setup.runs != 2:
+        raise BenchError("the mergekit pipeline needs exactly 2 runs (nuslerp takes two models)")
+    mk_dir = cfg_dir / "mergekit"
+    inter = out.parent / (out.name + "-intermediate")
+    stages = []
+    opts = ["--no-copy-tokenizer", "--quiet"]
+    for name in setup.run_names:
+        stages.append([mk_bin, str(mk_dir / f"ema-{name}.yaml"), str(inter / name), *opts])
+    slerp = {"merge_method": "nuslerp", "base_model": str(root / "init"),
+             "models": [{"model": str(inter / n), "parameters": {"weight": 1.0}}
+                        for n in setup.run_names],
+             "parameters": {"nuslerp_flatten": True},
+             "dtype": mk_dtype, "out_dtype": mk_dtype}
+    (mk_dir / "slerp.yaml").write_text(yaml.safe_dump(slerp, sort_keys=False))
+    stages.append([mk_bin, str(mk_dir / "slerp.yaml"), str(inter / "slerp"), *opts])
+    liti = {"merge_method": "linear", "parameters": {"normalize": False},
+            "models": [{"model": str(root / "init"), "parameters": {"weight": 1.0 - ETA}},
+                       {"model": str(inter / "slerp"), "parameters": {"weight": ETA}}],
+            "dtype": "float32", "out_dtype": "bfloat16"}
+    (mk_dir / "liti.yaml").write_text(yaml.safe_dump(liti, sort_keys=False))
+    stages.append([mk_bin, str(mk_dir / "liti.yaml"), str(out), *opts])
+    return stages
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakSampler(threading.Thread):
+    """Samples the summed RssAnon of a process tree every 10 ms; keeps the maximum."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.peak = pid, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        pids, i = [self.pid], 0
+        while not self._stop_event.is_set():
+            if i % RESCAN_EVERY == 0:
+                pids = _descendants(self.pid)
+            self.peak = max(self.peak, sum(_rss_anon(p) for p in pids))
+            i += 1
+            self._stop_event.wait(SAMPLE_S)
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+@dataclass
+class Measure:
+    seconds: float  # wall time
+    peak: int  # peak anonymous RSS (sampled)
+    cpu: float = 0.0  # user + system CPU seconds of the process and its children
+    load: float = 0.0  # the 1-minute load average when it ended (other jobs on the machine)
+    stages: list[float] = field(default_factory=list)
+
+
+def run_measured(stages: list[list[str]], log: Path, env: dict[str, str]) -> Measure:
+    """Run the commands one after the other; total wall time, the highest peak of any."""
+    total, peak, cpu, times = 0.0, 0, 0.0, []
+    with open(log, "ab") as logf:
+        for cmd in stages:
+            logf.write(f"\n$ {' '.join(cmd)}\n".encode())
+            logf.flush()
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env)
+            sampler = PeakSampler(proc.pid)
+            sampler.start()
+            try:
+                rc = proc.wait(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                sampler.stop()
+                raise BenchError(f"{' '.join(cmd[:4])} ... ran past {TIMEOUT_S} s (a hang?); "
+                                 f"killed; see {log}") from None
+            dt = time.perf_counter() - t0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            peak = max(peak, sampler.stop())
+            if rc != 0:
+                raise BenchError(f"{Path(cmd[0]).name} exited with {rc}; see {log}")
+            times.append(dt)
+            total += dt
+    return Measure(total, peak, cpu, os.getloadavg()[0], times)
+
+
+def sub_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if str(REPO) in sys.path:  # `python -m warpmerge` runs this checkout
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def source_fingerprint() -> str:
+    """Which warpmerge was measured: git commit, plus a hash of the package's sources."""
+    import warpmerge
+
+    pkg = Path(warpmerge.__file__).parent
+    print(f"warpmerge imported from {pkg}")
+    h = hashlib.sha256()
+    for f in sorted(pkg.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "."],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", ""
+    return f"{warpmerge.__version__} {commit}{'+dirty' if dirty else ''} src {h.hexdigest()[:12]}"
+
+
+def find_mergekit(arg: str | None) -> str | None:
+    if arg:
+        return arg if Path(arg).exists() or shutil.which(arg) else None
+    found = shutil.which("mergekit-yaml")
+    if found:
+        return found
+    venv = Path("/tmp/mk-venv/bin/mergekit-yaml")
+    return str(venv) if venv.exists() else None
+
+
+def clear(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    inter = path.parent / (path.name + "-intermediate")
+    if inter.exists():
+        shutil.rmtree(inter)
+
+
+def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
+    """Alternate the methods `repeats` times on one setup; medians of time and peak memory."""
+    workdir: Path = args.workdir
+    root = ensure_setup(setup, workdir)
+    cfg_dir = workdir / "configs" / setup.name
+    out_dir = workdir / "out" / setup.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = write_configs(setup, root, cfg_dir, args.mk_dtype)
+    py = args.python
+    env = sub_env(None)
+    inputs = [str(p) for p in setup.input_dirs(root)]
+    commands: dict[str, tuple[list[list[str]], Path]] = {
+        "warpmerge": ([[py, "-m", "warpmerge", "run", str(paths["wm-tensor"]), "--out",
+                        str(out_dir / "warpmerge"), "--force", "--quiet"]],
+                      out_dir / "warpmerge"),
+        "warpmerge-layer": ([[py, "-m", "warpmerge", "run", str(paths["wm-layer"]), "--out",
+                              str(out_dir / "warpmerge-layer"), "--force", "--quiet"]],
+                            out_dir / "warpmerge-layer"),
+        "floor": ([[py, "-c", FLOOR_SCRIPT, str(out_dir / "floor.safetensors"), *inputs]],
+                  out_dir / "floor.safetensors"),
+    }
+    if args.mergekit_bin and not args.skip_mergekit:
+        stages = mergekit_stages(setup, root, cfg_dir, out_dir / "mergekit", args.mk_dtype,
+                                 args.mergekit_bin)
+        commands["mergekit"] = (stages, out_dir / "mergekit")
+    methods = [m for m in METHODS if m in commands and m in args.methods]
+    log = workdir / "logs" / f"{setup.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    # warm the page cache (every measurement below reads the inputs from memory)
+    clear(commands["floor"][1])
+    run_measured(commands["floor"][0], log, env)
+    results: dict[str, list[Measure]] = {m: [] for m in methods}
+    for r in range(repeats):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for m in order:
+            if m not in results:
+                continue
+            stages, target = commands[m]
+            clear(target)
+            try:
+                res = run_measured(stages, log, env)
+            except BenchError as exc:
+                if m != "mergekit":
+                    raise
+                # e.g. a mergekit that does not work with these torch/transformers versions
+                print(f"  mergekit failed ({exc}); leaving it out from here on", flush=True)
+                args.mergekit_bin = None
+                del results[m]
+                continue
+            results[m].append(res)
+            print(f"  {setup.name} repeat {r + 1}/{repeats} {m:<16} {res.seconds:7.2f} s  "
+                  f"cpu {res.cpu:7.2f} s  peak anon {res.peak / 2**20:6.0f} MiB  "
+                  f"load {res.load:.1f}", flush=True)
+    summary: dict = {"size": setup.name, "params": setup.params, "inputs": setup.n_inputs,
+                     "input_bytes": input_bytes(setup, root), "repeats": repeats, "methods": {}}
+    for m, rs in results.items():
+        summary["methods"][m] = {
+            "seconds": statistics.median(x.seconds for x in rs),
+            "seconds_all": [round(x.seconds, 3) for x in rs],
+            "seconds_min": min(x.seconds for x in rs),
+            "cpu_all": [round(x.cpu, 3) for x in rs],
+            "cpu": statistics.median(x.cpu for x in rs),
+            "load": [round(x.load, 2) for x in rs],
+            "peak_anon": statistics.median(x.peak for x in rs),
+            "peak_anon_max": max(x.peak for x in rs),
+            "stages": [statistics.median(x.stages[i] for x in rs)
+                       for i in range(len(rs[0].stages))],
+        }
+    if ("mergekit" in results and "warpmerge" in results and not args.no_agreement
+            and (args.agreement_all or setup.name == args.agreement_size)):
+        print("  comparing outputs ...", flush=True)
+        summary["agreement"] = agreement(setup, root, out_dir / "warpmerge",
+                                         out_dir / "mergekit")
+    return summary
+
+
+# --- agreement -----------------------------------------------------------------------------
+
+def _open_model(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    files = (list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+             if index.exists() else [p.name for p in sorted(folder.glob("*.safetensors"))])
+    where = {}
+    for name in files:
+        h = safe_open(str(folder / name), framework="pt")
+        where.update((k, h) for k in h.keys())
+    return where
+
+
+def _reference(init, runs: list[list]) -> object:
+    """θ_init + η·chainSLERP(δ) in float64, straight from the spec (per-tensor angle)."""
+    import torch
+
+    from warpmerge.ops import ema_coefficients
+
+    deltas = []
+    for ckpts in runs:
+        a = ema_coefficients(len(ckpts), MU, EVERY)
+        d = torch.zeros_like(init)
+        for w, c in zip(a, ckpts, strict=True):
+            d += w * (c - init)
+        deltas.append(d)
+    r = deltas[0]
+    for m in range(1, len(deltas)):
+        lam = 1.0 / (m + 1)
+        d = deltas[m]
+        nr, nd = float(r.norm()), float(d.norm())
+        cos = max(-1.0, min(1.0, float((r * d).sum()) / (nr * nd))) if nr and nd else 1.0
+        om = math.acos(cos)
+        if nr and nd and math.sin(om) >= 1e-6:
+            r = (math.sin((1 - lam) * om) * r + math.sin(lam * om) * d) / math.sin(om)
+        else:
+            r = (1 - lam) * r + lam * d
+    return init + ETA * r
+
+
+def _ulp(ref):
+    """The spacing of bf16 numbers at each value (8 significant bits).
+
+    Measured at max(|ref|, rms of the tensor): near zero, bf16 is so dense that any rounding
+    difference in the float32 arithmetic would count as thousands of ulps.
+    """
+    import torch
+
+    _, exp = torch.frexp(ref)  # |ref| = m * 2**exp with 0.5 <= m < 1
+    exp = torch.where(ref == 0, torch.full_like(exp, -125), exp)
+    return torch.ldexp(torch.ones_like(ref), (exp - 8).clamp(min=-133))
+
+
+def agreement(setup: Setup, root: Path, wm_dir: Path, mk_dir: Path) -> dict:
+    """Element-wise comparison of the two bf16 outputs, and of each with a float64 reference."""
+    import torch
+
+    wm, mk = _open_model(wm_dir), _open_model(mk_dir)
+    init_m = _open_model(root / "init")
+    run_m = [[_open_model(c) for c in run] for run in setup.checkpoint_dirs(root)]
+    names = [n for n in wm if n in mk]
+    stats = {"tensors": len(names), "only_warpmerge": sorted(set(wm) - set(mk)),
+             "only_mergekit": sorted(set(mk) - set(wm)), "elements": 0, "differ": 0,
+             "max_abs": 0.0, "max_ulp": 0, "diff_sq": 0.0, "out_sq": 0.0, "update_sq": 0.0,
+             "wm_vs_ref_differ": 0, "mk_vs_ref_differ": 0, "wm_vs_ref_max_ulp": 0,
+             "mk_vs_ref_max_ulp": 0, "worst_tensor": None}
+    for n in names:
+        a, b = wm[n].get_tensor(n), mk[n].get_tensor(n)
+        if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape:
+            raise BenchError(f"{n}: warpmerge {a.dtype} {tuple(a.shape)}, "
+                             f"mergekit {b.dtype} {tuple(b.shape)}")
+        init = init_m[n].get_tensor(n).double()
+        ref = _reference(init, [[c[n].get_tensor(n).double() for c in run] for run in run_m])
+        ref16 = ref.to(torch.bfloat16)
+        af, bf = a.double(), b.double()
+        diff = (af - bf).abs()
+        stats["elements"] += a.numel()
+        stats["differ"] += int((a.view(torch.int16) != b.view(torch.int16)).sum())
+        mx = float(diff.max()) if a.numel() else 0.0
+        if mx > stats["max_abs"]:
+            stats["max_abs"], stats["worst_tensor"] = mx, n
+        stats["diff_sq"] += float((diff * diff).sum())
+        stats["out_sq"] += float((af * af).sum())
+        stats["update_sq"] += float(((af - init) ** 2).sum())
+        ulp = _ulp(torch.maximum(ref.abs(), ref.pow(2).mean().sqrt()))  # at the tensor's scale
+        for key, x in (("wm", af), ("mk", bf)):
+            stats[f"{key}_vs_ref_differ"] += int((x != ref16.double()).sum())
+            stats[f"{key}_vs_ref_max_ulp"] = max(stats[f"{key}_vs_ref_max_ulp"],
+                                                 float(((x - ref).abs() / ulp).max()))
+        stats["max_ulp"] = max(stats["max_ulp"], float((diff / ulp).max()))
+    stats["rel_err"] = math.sqrt(stats["diff_sq"] / stats["out_sq"]) if stats["out_sq"] else 0
+    stats["rel_err_update"] = (math.sqrt(stats["diff_sq"] / stats["update_sq"])
+                               if stats["update_sq"] else 0)
+    return stats
+
+
+# --- memory case, determinism -----------------------------------------------------------
+
+def memory_case(args: argparse.Namespace) -> dict:
+    """warpmerge's peak anon RSS on a 512 MiB embedding, 5 inputs, layer groups, two etas."""
+    setup = make_setup("mem512")
+    root = ensure_setup(setup, args.workdir)
+    cfg_dir = args.workdir / "configs" / setup.name
+    paths = write_configs(setup, root, cfg_dir, args.mk_dtype, etas=[0.3, 0.7])
+    out = args.workdir / "out" / setup.name
+    out.mkdir(parents=True, exist_ok=True)
+    log = args.workdir / "logs" / "mem512.log"
+    log.write_text("")
+    env = sub_env(None)
+    base = [args.python, "-m", "warpmerge", "run", str(paths["wm-layer"]), "--force", "--quiet"]
+    variants = {
+        "default settings": [],
+        "--max-memory 1GB": ["--max-memory", "1GB"],
+        "--max-memory 1GB --threads 1": ["--max-memory", "1GB", "--threads", "1"],
+    }
+    inputs = [str(p) for p in setup.input_dirs(root)]
+    floor = [[args.python, "-c", FLOOR_SCRIPT, str(out / "floor.safetensors"), *inputs]]
+    run_measured(floor, log, env)  # warm the page cache
+    res: dict[str, list[Measure]] = {v: [] for v in variants}
+    res["floor (one model)"] = []
+    for r in range(args.repeats):
+        for v, extra in variants.items():
+            clear(out / "wm")
+            m = run_measured([base + ["--out", str(out / "wm"), *extra]], log, env)
+            res[v].append(m)
+            print(f"  mem512 repeat {r + 1} {v:<30} {m.seconds:6.2f} s  cpu {m.cpu:6.2f} s  "
+                  f"peak anon {m.peak / 2**20:6.0f} MiB  load {m.load:.1f}", flush=True)
+        clear(out / "floor.safetensors")
+        res["floor (one model)"].append(run_measured(floor, log, env))
+    embed = setup.cfg["vocab_size"] * setup.cfg["hidden_size"] * 2
+    return {"params": setup.params, "embedding_bytes": embed, "inputs": setup.n_inputs,
+            "input_bytes": input_bytes(setup, root), "etas": [0.3, 0.7],
+            "variants": {v: {"seconds": statistics.median(x.seconds for x in ms),
+                             "cpu": statistics.median(x.cpu for x in ms),
+                             "peak_anon": max(x.peak for x in ms)} for v, ms in res.items()}}
+
+
+def breakdown(args: argparse.Namespace, size: str) -> dict:
+    """CPU time of warpmerge's imports and of its merge, in-process, per --threads setting."""
+    setup = make_setup(size)
+    root = ensure_setup(setup, args.workdir)
+    paths = write_configs(setup, root, args.workdir / "configs" / size, args.mk_dtype)
+    out = args.workdir / "out" / f"{size}-breakdown"
+    rows: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for threads in (1, 0):
+            for gran in ("tensor", "layer"):
+                clear(out)
+                proc = subprocess.run(
+                    [args.python, "-c", BREAKDOWN_SCRIPT, str(paths[f"wm-{gran}"]), str(out),
+                     str(threads)], capture_output=True, text=True, env=sub_env(None),
+                    timeout=TIMEOUT_S)
+                if proc.returncode:
+                    raise BenchError(f"breakdown failed: {proc.stderr.strip()[-500:]}")
+                key = f"{gran}, threads {threads or 'default'}"
+                rows.setdefault(key, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    clear(out)
+    report = {}
+    for key, rs in rows.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "file"}
+        report[key] = med
+        print(f"  {key:<28} import torch {med['import_torch']:5.2f} s cpu, other imports "
+              f"{med['other_imports']:5.2f} s, merge {med['merge_cpu']:5.2f} s cpu "
+              f"({med['merge_wall']:5.2f} s wall)", flush=True)
+    return report
+
+
+def _sha_files(folder: Path) -> dict[str, str]:
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+        out[str(f.relative_to(folder))] = h.hexdigest()
+    return out
+
+
+def _groups(folder: Path) -> list:
+    prov = json.loads(next(folder.rglob("warpmerge.json")).read_text())
+    return [(g["name"], g["coefficients"], [s["cos_omega"] for s in g["chain"]])
+            for g in prov["groups"]]
+
+
+def determinism(args: argparse.Namespace, size: str) -> dict:
+    """Bit-identical shards (and per-group coefficients) across --threads and --chunk-size."""
+    setup = make_setup(size)
+    root = ensure_setup(setup, args.workdir)
+    paths = write_configs(setup, root, args.workdir / "configs" / size, args.mk_dtype)
+    out = args.workdir / "out" / f"{size}-determinism"
+    log = args.workdir / "logs" / f"{size}-determinism.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    env = sub_env(None)
+    variants = {
+        "--threads 1": ["--threads", "1"],
+        "--threads 2": ["--threads", "2"],
+        "--threads 2 --chunk-size 65536": ["--threads", "2", "--chunk-size", "65536"],
+        "--threads 1 --chunk-size 1000000": ["--threads", "1", "--chunk-size", "1000000"],
+        "--threads 2 --max-memory 300MB": ["--threads", "2", "--max-memory", "300MB"],
+    }
+    report: dict = {"size": size, "variants": {}}
+    refs: dict[str, tuple[dict, list]] = {}  # granularity -> the first variant's results
+    for i, (v, extra) in enumerate(variants.items()):
+        for gran in ("layer", "tensor"):
+            target = out / f"{gran}-{i}"
+            clear(target)
+            m = run_measured([[args.python, "-m", "warpmerge", "run", str(paths[f"wm-{gran}"]),
+                               "--out", str(target), "--force", "--quiet", *extra]], log, env)
+            sha, groups = _sha_files(target), _groups(target)
+            ref_sha, ref_groups = refs.setdefault(gran, (sha, groups))
+            key = f"{gran} {v}"
+            report["variants"][key] = {
+                "seconds": round(m.seconds, 2), "peak_anon": m.peak,
+                "shards_identical": sha == ref_sha,
+                "coefficients_identical": groups == ref_groups,
+                "groups_differing": sum(a != b for a, b in zip(groups, ref_groups, strict=True)),
+                "sha256": sha,
+            }
+            print(f"  {key:<45} {m.seconds:6.2f} s  shards identical: {sha == ref_sha}  "
+                  f"coefficients identical: {groups == ref_groups}", flush=True)
+            shutil.rmtree(target)
+    return report
+
+
+# --- reporting -----------------------------------------------------------------------------
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def print_table(summary: dict) -> None:
+    ms = summary["methods"]
+    floor = ms.get("floor", {}).get("seconds")
+    print(f"\n{summary['size']}: {summary['params'] / 1e6:.0f}M parameters per model, "
+          f"{summary['inputs']} inputs, {summary['input_bytes'] / 1e9:.2f} GB read, "
+          f"median of {summary['repeats']}")
+    floor_cpu = ms.get("floor", {}).get("cpu")
+    floor_min = ms.get("floor", {}).get("seconds_min")
+    print(f"  {'method':<16} {'wall s':>8} {'vs floor':>9} {'min s':>8} {'vs floor':>9} "
+          f"{'cpu s':>8} {'vs floor':>9} {'peak anon MiB':>14}")
+    for m, r in ms.items():
+        ratio = f"{r['seconds'] / floor:.2f}x" if floor else "-"
+        min_ratio = f"{r['seconds_min'] / floor_min:.2f}x" if floor_min else "-"
+        cpu_ratio = f"{r['cpu'] / floor_cpu:.2f}x" if floor_cpu else "-"
+        print(f"  {m:<16} {r['seconds']:8.2f} {ratio:>9} {r['seconds_min']:8.2f} {min_ratio:>9} "
+              f"{r['cpu']:8.2f} {cpu_ratio:>9} {mib(r['peak_anon']):>14}")
+    if "mergekit" in ms and "warpmerge" in ms:
+        wm, mk = ms["warpmerge"], ms["mergekit"]
+        st = ", ".join(f"{s:.1f}" for s in mk["stages"])
+        print(f"  mergekit / warpmerge: {mk['seconds'] / wm['seconds']:.1f}x wall, "
+              f"{mk['cpu'] / wm['cpu']:.1f}x cpu   (mergekit stages: {st} s)")
+    ag = summary.get("agreement")
+    if ag:
+        print(f"  agreement (mergekit vs warpmerge, {ag['elements'] / 1e6:.0f}M elements): "
+              f"max |diff| {ag['max_abs']:.3g} ({ag['worst_tensor']}), "
+              f"{ag['max_ulp']:.2f} bf16 ulp, "
+              f"{100 * ag['differ'] / ag['elements']:.5f}% of elements differ, "
+              f"relative error {ag['rel_err']:.2e} of the output, "
+              f"{ag['rel_err_update']:.2e} of the update (output - init)")
+        print(f"  vs the float64 reference rounded to bf16: warpmerge differs in "
+              f"{100 * ag['wm_vs_ref_differ'] / ag['elements']:.4f}% "
+              f"(max {ag['wm_vs_ref_max_ulp']:.2f} ulp), mergekit in "
+              f"{100 * ag['mk_vs_ref_differ'] / ag['elements']:.4f}% "
+              f"(max {ag['mk_vs_ref_max_ulp']:.2f} ulp)")
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"matplotlib is not installed: no plot written to {path}")
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
+    styles = {"warpmerge": "o-", "warpmerge-layer": "s--", "mergekit": "^-", "floor": "x:"}
+    panels = [("seconds", "wall time (s, median)", 1.0), ("cpu", "CPU time, user + sys (s)", 1.0),
+              ("peak_anon", "peak anonymous RSS (MiB)", 2.0**-20)]
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        for m in METHODS:
+            pts = [(s["input_bytes"] / 1e9, s["methods"][m][key] * scale)
+                   for s in summaries if m in s["methods"]]
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], styles[m], label=m)
+        ax.set_xlabel("GB read (all inputs)")
+        ax.set_ylabel(label)
+        ax.set_xticks([s["input_bytes"] / 1e9 for s in summaries],
+                      [f"{s['input_bytes'] / 1e9:.1f}\n{s['size']}, {s['params'] / 1e6:.0f}M"
+                       for s in summaries], fontsize=8)
+        ax.grid(alpha=0.3)
+        if key == "peak_anon":
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    fig.suptitle("WARP merge of a Gemma-2-shaped model (init + 2 runs x 3 checkpoints, bf16 "
+                 f"in and out), {os.cpu_count()} CPU cores", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def replot(results_json: Path, path: Path) -> None:
+    plot(json.loads(results_json.read_text())["sizes"], path)
+
+
+# --- main ----------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each method (median taken)")
+    p.add_argument("--sweep-repeats", type=int, default=None,
+                   help="repeats for sizes other than 'default' (default: --repeats)")
+    p.add_argument("--sizes", default="default",
+                   help=f"comma-separated sizes to measure ({', '.join(SIZES)}), or none")
+    p.add_argument("--workdir", type=Path,
+                   default=Path(tempfile.gettempdir()) / "warpmerge-bench",
+                   help="setups (cached), outputs, logs (default: $TMPDIR/warpmerge-bench)")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of time and memory")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
+    p.add_argument("--mergekit-bin", default=None,
+                   help="mergekit-yaml to run (default: on PATH, else /tmp/mk-venv/bin)")
+    p.add_argument("--mk-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of mergekit's intermediate models (default float32)")
+    p.add_argument("--methods", default=",".join(METHODS), help="which methods to run")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also split warpmerge's CPU time into imports and merge (in-process)")
+    p.add_argument("--no-agreement", action="store_true", help="skip the output comparison")
+    p.add_argument("--agreement-all", action="store_true",
+                   help="compare the outputs at every size (default: 'default' only)")
+    p.add_argument("--memory-case", action="store_true",
+                   help="also measure the 512 MiB-embedding memory case")
+    p.add_argument("--determinism", action="store_true",
+                   help="also check bit-identical output across --threads and --chunk-size")
+    p.add_argument("--python", default=sys.executable, help="interpreter for warpmerge/floor")
+    p.add_argument("--timeout", type=float, default=TIMEOUT_S,
+                   help="seconds before a command is killed as hung (default 900)")
+    args = p.parse_args(argv)
+    globals()["TIMEOUT_S"] = args.timeout
+    args.workdir = args.workdir.resolve()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method {bad[0]!r} (known: {', '.join(METHODS)})")
+    if "floor" not in args.methods:
+        args.methods.append("floor")
+    args.mergekit_bin = None if args.skip_mergekit else find_mergekit(args.mergekit_bin)
+    if not args.skip_mergekit and "mergekit" in args.methods and args.mergekit_bin is None:
+        print("mergekit-yaml not found (pip install mergekit, or --mergekit-bin): skipping it")
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip() not in ("", "none")]
+    args.agreement_size = "default" if "default" in sizes or not sizes else sizes[0]
+    try:
+        setups = [make_setup(s) for s in sizes]
+    except BenchError as exc:
+        p.error(str(exc))
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "warpmerge": source_fingerprint(), "sizes": []}
+    print(f"warpmerge source: {results['warpmerge']}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        for setup in setups:
+            reps = args.repeats if (setup.name == "default" or args.sweep_repeats is None) \
+                else args.sweep_repeats
+            print(f"== {setup.name} ({reps} repeats)", flush=True)
+            results["sizes"].append(bench_size(setup, args, reps))
+        for s in results["sizes"]:
+            print_table(s)
+        if args.memory_case:
+            print("\n== memory case: 512 MiB bf16 embedding, 5 inputs, layer groups, eta "
+                  "[0.3, 0.7]", flush=True)
+            mc = results["memory_case"] = memory_case(args)
+            print(f"  {mc['params'] / 1e6:.0f}M parameters, embedding "
+                  f"{mc['embedding_bytes'] / 2**20:.0f} MiB, {mc['input_bytes'] / 1e9:.2f} GB read")
+            for v, r in mc["variants"].items():
+                print(f"  {v:<32} {r['seconds']:6.2f} s  cpu {r['cpu']:6.2f} s  "
+                      f"peak anon {mib(r['peak_anon']):>6} MiB")
+        if args.breakdown:
+            size = "default" if "default" in sizes or not sizes else sizes[0]
+            print(f"\n== where warpmerge's time goes ({size}, median of {args.repeats})",
+                  flush=True)
+            results["breakdown"] = breakdown(args, size)
+        if args.determinism:
+            size = "default" if "default" in sizes or not sizes else sizes[0]
+            print(f"\n== determinism ({size})", flush=True)
+            results["determinism"] = determinism(args, size)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.plot and results["sizes"]:
+        plot(results["sizes"], args.plot)
+    out_json = args.json or args.workdir / "results.json"
+    out_json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults in {out_json} ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
