@@ -112,3 +112,30 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch,
             signal.signal(sig, handler)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+GOOD_CONFIG = """\
+init: init
+policies:
+  - name: a
+    checkpoints: run-a/step-*
+  - name: b
+    checkpoints: [run-b/step-1, run-b/step-2]
+ema: {mu: 0.1, every: 2}
+liti: {eta: [0.3, 1.0]}
+output: {path: out, shard_size: 20KB}
+"""
+
+
+@pytest.fixture()
+def setup(tmp_path: Path) -> Path:
+    """A valid merge (init, runs a and b of two checkpoints) and its warp.yaml."""
+    init = random_model(0)
+    write_model(tmp_path / "init", init)
+    for run in ("a", "b"):
+        cur = init
+        for t in (1, 2):
+            cur = perturb(cur, 10 * ord(run) + t)
+            write_model(tmp_path / f"run-{run}" / f"step-{t}", cur)
+    (tmp_path / "warp.yaml").write_text(GOOD_CONFIG)
+    return tmp_path

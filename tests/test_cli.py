@@ -8,32 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb, random_model, run_cli, write_model
-
-GOOD = """\
-init: init
-policies:
-  - name: a
-    checkpoints: run-a/step-*
-  - name: b
-    checkpoints: [run-b/step-1, run-b/step-2]
-ema: {mu: 0.1, every: 2}
-liti: {eta: [0.3, 1.0]}
-output: {path: out, shard_size: 20KB}
-"""
-
-
-@pytest.fixture()
-def setup(tmp_path: Path) -> Path:
-    init = random_model(0)
-    write_model(tmp_path / "init", init)
-    for run in ("a", "b"):
-        cur = init
-        for t in (1, 2):
-            cur = perturb(cur, hash((run, t)) % 1000)
-            write_model(tmp_path / f"run-{run}" / f"step-{t}", cur)
-    (tmp_path / "warp.yaml").write_text(GOOD)
-    return tmp_path
+from conftest import random_model, run_cli, write_model
 
 
 def edit_yaml(old: str, new: str):
