@@ -611,3 +611,20 @@ def test_live_hub_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert headers[model.weight_files[0]] == header_of(folder / model.weight_files[0])
     finally:
         api.delete_repo(repo_id, missing_ok=True)
+
+
+def test_cli_check_accepts_repo_ids(
+    hub: FakeHub, warp_setup: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`warpmerge check` downloads a model named by repo id; a model against itself: KL 0."""
+    publish_setup(hub, warp_setup)
+    code, out, err = run_cli(["check", "acme/init", "--against", str(warp_setup["init"]),
+                              "--against", "acme/run-a@step-1", "--json", "-q"],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    same, other = report["against"]
+    assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
+    assert other["kl"] > 0
+    assert not hub.requested_files("acme/init") & set(DECOYS)

@@ -108,9 +108,13 @@ def check(
 ) -> None:
     """NLL of MODEL, and KL and top-1 agreement against each --against model."""
     from .check import check_command
+    from .sources import model_folder
 
-    check_command(model, against or [], dtype, json_out, prompts, quiet,
-                  max_new_tokens=max_new_tokens)
+    def local(ref: str) -> str:  # a Hub repo id is downloaded (only what a model needs)
+        return str(model_folder(ref, Path.cwd(), progress=not quiet))
+
+    check_command(local(model), [local(a) for a in against or []], dtype, json_out, prompts,
+                  quiet, max_new_tokens=max_new_tokens)
 
 
 @app.command()

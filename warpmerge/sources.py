@@ -313,6 +313,20 @@ def _looks_local(ref: str, base_dir: Path) -> bool:
     return (base_dir / first).is_dir()
 
 
+def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
+    """The local folder of a model named by a path or a Hub repo id (downloaded if needed)."""
+    local = Path(ref).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    if local.exists() or _looks_local(ref, base_dir):
+        return local
+    from . import hub
+
+    parsed = hub.parse_repo_ref(ref)
+    if parsed is None:
+        return local
+    return hub.fetch_model(parsed[0], parsed[1], progress=progress).path
+
+
 def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
            dry_run: bool = False) -> Checkpoint:
     """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
