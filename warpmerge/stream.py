@@ -185,8 +185,8 @@ class Streamer:
             e = min(s + BLOCK, c.count)
             for k, (i, j) in enumerate(pairs):
                 sums[k].append(torch.dot(vectors[i][s:e], vectors[j][s:e]).item())
-        if not self.plan.allow_nonfinite and not all(map(math.isfinite, sums[-1])):
-            self.find_nonfinite(c)
+        if not self.plan.allow_nonfinite and not all(math.isfinite(x) for k in sums for x in k):
+            self.find_nonfinite(c)  # a NaN or Inf in θ_init or in any δ_m shows here
         return sums
 
     def write_job(self, ws: Workspace, c: Chunk) -> list[torch.Tensor]:
@@ -200,9 +200,9 @@ class Streamer:
         torch.mul(deltas[0], self.coefs[0], out=merged)
         for coef, d in zip(self.coefs[1:], deltas[1:], strict=True):
             merged.add_(d, alpha=coef)
-        if not self.plan.allow_nonfinite and not (
+        if not (self.plan.allow_nonfinite or self.plan.needs_gram) and not (
             math.isfinite(merged.sum().item()) and math.isfinite(x0.sum().item())
-        ):
+        ):  # with several runs, pass 1's inner products have already looked
             self.find_nonfinite(c)
         dtype = self.out_dtypes[c.info.name]
         outs = []
