@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import uuid
 from pathlib import Path
@@ -176,8 +177,6 @@ def test_dry_run_reports_bytes_and_reads_headers_by_range(hub: FakeHub, sharded:
     reads = [r for r in hub.file_requests("acme/tiny") if r.method == "GET"]
     assert reads and all(r.range and r.status == 206 for r in reads)
 
-    assert wh.free_space_ok(wh.hub_cache_dir(), plan.download_bytes)
-    assert not wh.free_space_ok(wh.hub_cache_dir(), 10**18)
 
     real = wh.fetch_model("acme/tiny", "main", progress=False)
     assert real.download_bytes == plan.download_bytes - sum(
@@ -519,6 +518,7 @@ def test_cli_dry_run_with_hub_inputs_downloads_no_weights(
     code, out, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
     assert code == 0, err
     assert "download" in out.lower()
+    assert re.search(r"Download: [\d.]+ [KMG]?B into .* free\)", out), out
     for repo in ("acme/init", "acme/run-a", "acme/run-b1", "acme/run-b2"):
         fetched = hub.requested_files(repo, "GET")
         assert not any(n.endswith(".safetensors") and not _ranged(hub, repo, n) for n in fetched)

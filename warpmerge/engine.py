@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from .journal import NAME as JOURNAL
 from .journal import Journal, fingerprint
 from .metadata import build_provenance, write_metadata
 from .ops import ChainStep, chain_coefficients
-from .plan import Group, Plan, human
+from .plan import Group, Plan, free_bytes, human
 from .stream import Streamer, chunks
 from .writer import ShardedWriter, Staging
 
@@ -152,10 +151,8 @@ def _progress(total: int, quiet: bool) -> Any:
 
 
 def _check_free_space(plan: Plan) -> None:
-    path = plan.output_root
-    while not path.exists():
-        path = path.parent
-    needed, free = plan.out_bytes, shutil.disk_usage(path).free
+    path, free = free_bytes(plan.output_root)
+    needed = plan.out_bytes
     if needed > free:
         raise RunError(f"not enough free space at {path}: the output needs {human(needed)}, "
                        f"{human(free)} is free ({human(needed - free)} missing)")

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
 import warnings
 from collections.abc import Iterable, Iterator
@@ -352,14 +351,6 @@ def hub_cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
-
-
-def free_space_ok(path: Path, needed_bytes: int) -> bool:
-    """Whether the disk holding `path` (or its nearest existing parent) has `needed_bytes` free."""
-    probe = Path(path).expanduser().absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free >= needed_bytes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and every validation error is raised before any output exists.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,6 +255,7 @@ def describe_plan(plan: Plan) -> str:
     cached = sum(1 for x in g if plan.cacheable(x)) if plan.needs_gram else len(g)
     lines.append(f"Read: {human(plan.read_bytes())} ({cached} of {len(g)} groups read once)   "
                  f"Write: {human(plan.out_bytes)}")
+    lines += _space_lines(plan)
     shards = ShardedWriter(Path("."), plan.out_tensors, plan.config.output.shard_size).names
     for d, eta in zip(plan.output_dirs, plan.etas, strict=True):
         lines.append(f"Output eta={format_eta(eta)}: {d} ({len(shards)} shard(s))")
@@ -261,3 +263,29 @@ def describe_plan(plan: Plan) -> str:
         for n in plan.run_names:
             lines.append(f"EMA of {n}: {plan.ema_root / n}")
     return "\n".join(lines)
+
+
+def free_bytes(path: Path) -> tuple[Path, int]:
+    """Free space on the disk that holds `path`, or would once it is created."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path, shutil.disk_usage(path).free
+
+
+def _space_lines(plan: Plan) -> list[str]:
+    """Disk space for the dry run: downloads into the Hub cache, and the output."""
+    lines = []
+    download = sum(c.download_bytes for c in plan.inputs)
+    if download:
+        from .hub import hub_cache_dir
+
+        where, free = free_bytes(hub_cache_dir())
+        short = f", {human(download - free)} MISSING" if download > free else ""
+        lines.append(f"Download: {human(download)} into {hub_cache_dir()} "
+                     f"({human(free)} free{short})")
+    where, free = free_bytes(plan.output_root)
+    short = f", {human(plan.out_bytes - free)} MISSING" if plan.out_bytes > free else ""
+    lines.append(f"Disk at {where}: {human(free)} free for {human(plan.out_bytes)} of "
+                 f"output{short}")
+    return lines

@@ -160,10 +160,6 @@ class ShardedWriter:
             }
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
-    def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def file_crc32(path: Path) -> int:
