@@ -97,14 +97,23 @@ class _Outputs:
         return all(w.shard_by_name[t.name] in w.done for w in self.writers for t in group.tensors)
 
 
-def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs, bar: Any) -> GroupResult:
+@dataclass
+class _Bars:
+    """One progress bar per pass: bytes read for the Gram matrices, bytes written."""
+
+    gram: Any
+    write: Any
+
+
+def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
+                 bars: _Bars) -> GroupResult:
     if plan.needs_gram:
         s.begin_group(group, cache=plan.cacheable(group))
         partials: list[list[float]] = []
         jobs = chunks(plan, group, True)
         for c, sums in zip(chunks(plan, group, True), s.ordered(s.gram_job, jobs), strict=True):
             partials.append(sums)
-            bar.update(_chunk_bytes(plan, c))
+            bars.gram.update(_chunk_bytes(plan, c))
         M = len(plan.runs)
         pairs = [(i, j) for i in range(M) for j in range(i, M)] + [(M, M)]
         total = {p: math.fsum(x for sums in partials for x in sums[k])
@@ -115,17 +124,15 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs, bar: Any
     else:
         s.begin_group(group, cache=False)
         s.coefs, steps = [1.0], []
-    cached = s.cache is not None
     results = s.ordered(s.write_job, chunks(plan, group, True))
     for info in group.tensors:
         for w in outs.writers:
             w.begin_tensor(info.name)
         if info.is_float:
-            for c in chunks(plan, Group(group.name, [info]), True):
+            for _ in chunks(plan, Group(group.name, [info]), True):
                 for w, data in zip(outs.writers, next(results), strict=True):
                     w.write(data)
-                if not cached:
-                    bar.update(_chunk_bytes(plan, c))
+                    bars.write.update(data.numel() * data.element_size())
         else:  # copied from the init, byte for byte
             raw = bytearray(plan.chunk * 8)
             for start in range(0, info.numel, plan.chunk):
@@ -133,7 +140,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs, bar: Any
                 data = plan.init.read_into(info, start, count, raw)
                 for w in outs.writers:
                     w.write(data)
-                bar.update(data.numel() * data.element_size())
+                    bars.write.update(data.numel() * data.element_size())
     if next(results, None) is not None:
         raise RuntimeError("more chunk results than tensors")
     return GroupResult(group.name, group.float_numel, s.coefs, steps)
@@ -143,11 +150,18 @@ def _chunk_bytes(plan: Plan, c: Any) -> int:
     return c.count * sum(ck.lookup(c.info.name).dtype.itemsize for ck in plan.read_inputs)
 
 
-def _progress(total: int, quiet: bool) -> Any:
+def _progress(plan: Plan, quiet: bool) -> _Bars:
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="merging", unit="B", unit_scale=True, unit_divisor=1024,
-                disable=quiet, dynamic_ncols=True, leave=False)
+    def bar(desc: str, total: int, position: int) -> Any:
+        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                    disable=quiet or not total, dynamic_ncols=True, leave=False,
+                    position=position)
+
+    gram_bytes = sum(_chunk_bytes(plan, c) for g in plan.groups
+                     for c in chunks(plan, g, True)) if plan.needs_gram else 0
+    return _Bars(bar("pass 1: angles (read)", gram_bytes, 0),
+                 bar("pass 2: models (written)", plan.out_bytes, 1 if gram_bytes else 0))
 
 
 def _check_free_space(plan: Plan) -> None:
@@ -182,17 +196,23 @@ def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResu
         outs = _Outputs(plan, roots, journal, verified)
         for c in plan.inputs:
             c.open_files()
-        with _progress(plan.read_bytes(), quiet) as bar:
+        bars = _progress(plan, quiet)
+        out_bytes = {t.name: t.nbytes for t in plan.out_tensors}
+        try:
             for index, group in enumerate(plan.groups):
                 done = journal.groups.get(index)
                 if done is not None and outs.finished(group):
                     for info in group.tensors:
                         for w in outs.writers:
                             w.skip_tensor(info.name)
+                            bars.write.update(out_bytes[info.name])
                     results.append(GroupResult.from_dict(done))
                     continue
-                results.append(_merge_group(plan, streamer, group, outs, bar))
+                results.append(_merge_group(plan, streamer, group, outs, bars))
                 journal.group_done(index, results[-1].to_dict(plan.run_names))
+        finally:
+            bars.gram.close()
+            bars.write.close()
         for w in outs.writers:
             w.finish()
         provenance = build_provenance(plan, [g.to_dict(plan.run_names) for g in results])
