@@ -139,3 +139,25 @@ def setup(tmp_path: Path) -> Path:
             write_model(tmp_path / f"run-{run}" / f"step-{t}", cur)
     (tmp_path / "warp.yaml").write_text(GOOD_CONFIG)
     return tmp_path
+
+
+def write_tokenizer(folder: Path, vocab_size: int = 320) -> None:
+    """A word-level tokenizer whose special tokens sit at Gemma's ids."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = {
+        0: "<pad>",
+        1: "<eos>",
+        2: "<bos>",
+        3: "<unk>",
+        106: "<start_of_turn>",
+        107: "<end_of_turn>",
+    }
+    words = ["user", "model", "hello", "world"] + [f"w{i}" for i in range(vocab_size)]
+    vocab: dict[str, int] = {}
+    for i in range(vocab_size):
+        vocab[specials[i] if i in specials else words.pop(0)] = i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # newlines vanish; fine for a test
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials.values()])
+    tok.save(str(folder / "tokenizer.json"))

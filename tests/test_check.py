@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_tokenizer
 from safetensors.torch import load_file, save_file
 
 from warpmerge.check import (
@@ -36,26 +37,6 @@ def perturbed_copy(folder: Path, scale: float = 0.05, seed: int = 0) -> Path:
         tensors[name] = t + scale * t.std() * torch.randn(t.shape, generator=gen)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
-
-
-def write_tokenizer(folder: Path, vocab_size: int = 320) -> None:
-    """A word-level tokenizer with Gemma's special tokens at Gemma's ids."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-
-    specials = {
-        0: "<pad>",
-        1: "<eos>",
-        2: "<bos>",
-        3: "<unk>",
-        106: "<start_of_turn>",
-        107: "<end_of_turn>",
-    }
-    words = iter(["user", "model"] + [f"w{i}" for i in range(vocab_size)])
-    vocab = {specials[i] if i in specials else next(words): i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens([AddedToken(t, special=True) for t in specials.values()])
-    tok.save(str(folder / "tokenizer.json"))
 
 
 def test_builtin_sequences_are_fixed() -> None:
