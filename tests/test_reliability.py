@@ -696,12 +696,10 @@ def test_disk_full_is_a_clear_error_leaving_nothing(setup, monkeypatch, capsys):
 
 
 def test_free_space_checked_before_writing(setup, monkeypatch, capsys):
-    import warpmerge.engine
-
     def usage(path):
         return shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000)
 
-    monkeypatch.setattr(warpmerge.engine.shutil, "disk_usage", usage)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
     before = tree(setup)
     code, out, err = run_cli(["run", str(setup / "warp.yaml"), "-q"], monkeypatch, capsys)
     assert code == 1, err
