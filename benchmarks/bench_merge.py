@@ -49,37 +49,19 @@ REPO = Path(__file__).resolve().parent.parent
 if (REPO / "warpmerge" / "__init__.py").is_file() and str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # measure this checkout, whatever else is pip-installed
 
+from warpmerge.demo import DEMO_CONFIG  # noqa: E402
+
 MU, EVERY, ETA = 0.01, 100, 0.3
 SHARD_BYTES = 100 * 10**6  # input shards: at most 100 MB, as the Hub's smaller models
 SAMPLE_S = 0.01  # RssAnon sampling interval
 RESCAN_EVERY = 5  # look for new child processes every this many samples
 TIMEOUT_S = 900.0  # per command; a merge running longer is taken for a hang (--timeout)
 
-BASE_CONFIG = {
-    "architectures": ["Gemma2ForCausalLM"],
-    "model_type": "gemma2",
-    "vocab_size": 32000,
-    "hidden_size": 1024,
-    "intermediate_size": 4096,
-    "num_hidden_layers": 8,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 128,
-    "query_pre_attn_scalar": 128,
-    "sliding_window": 4096,
-    "attn_logit_softcapping": 50.0,
-    "final_logit_softcapping": 30.0,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "gelu_pytorch_tanh",
-    "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 8192,
-    "bos_token_id": 2,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-    "tie_word_embeddings": True,
-    "torch_dtype": "bfloat16",
-}
+# the demo's Gemma 2 config at the benchmark size
+BASE_CONFIG = dict(DEMO_CONFIG, vocab_size=32000, hidden_size=1024, intermediate_size=4096,
+                   num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=128, query_pre_attn_scalar=128, sliding_window=4096,
+                   max_position_embeddings=8192)
 
 # name -> (config overrides, runs, checkpoints per run)
 SIZES: dict[str, tuple[dict, int, int]] = {

@@ -11,36 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-TINY = {
-    "architectures": ["Gemma2ForCausalLM"],
-    "model_type": "gemma2",
-    "vocab_size": 96,
-    "hidden_size": 32,
-    "intermediate_size": 48,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 16,
-    "query_pre_attn_scalar": 16,
-    "sliding_window": 8,
-    "attn_logit_softcapping": 50.0,
-    "final_logit_softcapping": 30.0,
-    "rope_theta": 10000.0,
-    "rms_norm_eps": 1e-6,
-    "hidden_act": "gelu_pytorch_tanh",
-    "hidden_activation": "gelu_pytorch_tanh",
-    "max_position_embeddings": 64,
-    "bos_token_id": 2,
-    "eos_token_id": 1,
-    "pad_token_id": 0,
-    "tie_word_embeddings": True,
-    "torch_dtype": "float32",
-}
+from warpmerge.demo import DEMO_CONFIG, gemma2_shapes
+
+# the demo's Gemma 2 config, smaller still
+TINY = dict(DEMO_CONFIG, vocab_size=96, hidden_size=32, intermediate_size=48,
+            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+            query_pre_attn_scalar=16, sliding_window=8, max_position_embeddings=64,
+            torch_dtype="float32")
 
 
 def shapes(cfg: dict = TINY) -> dict[str, tuple[int, ...]]:
-    from warpmerge.demo import gemma2_shapes
-
     return gemma2_shapes(cfg)
 
 

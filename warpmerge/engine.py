@@ -134,10 +134,8 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
                     w.write(data)
                     bars.write.update(data.numel() * data.element_size())
         else:  # copied from the init, byte for byte
-            raw = bytearray(plan.chunk * 8)
             for start in range(0, info.numel, plan.chunk):
-                count = min(plan.chunk, info.numel - start)
-                data = plan.init.read_into(info, start, count, raw)
+                data = plan.init.read(info, start, min(plan.chunk, info.numel - start))
                 for w in outs.writers:
                     w.write(data)
                     bars.write.update(data.numel() * data.element_size())
@@ -158,8 +156,7 @@ def _progress(plan: Plan, quiet: bool) -> _Bars:
                     disable=quiet or not total, dynamic_ncols=True, leave=False,
                     position=position)
 
-    gram_bytes = sum(_chunk_bytes(plan, c) for g in plan.groups
-                     for c in chunks(plan, g, True)) if plan.needs_gram else 0
+    gram_bytes = sum(plan.float_read_bytes(g) for g in plan.groups) if plan.needs_gram else 0
     return _Bars(bar("pass 1: angles (read)", gram_bytes, 0),
                  bar("pass 2: models (written)", plan.out_bytes, 1 if gram_bytes else 0))
 

@@ -105,7 +105,7 @@ class Plan:
 
     def workspace_bytes(self) -> int:
         """The chunk buffers of all workers (see stream.Workspace)."""
-        per_worker = self.chunk * (8 + 4 * (3 + len(self.runs)) + 4 * self.n_outputs)
+        per_worker = self.chunk * 4 * (3 + len(self.runs) + self.n_outputs)
         return per_worker * (self.threads + 1)
 
     def cache_bytes(self, group: Group) -> int:
@@ -115,16 +115,18 @@ class Plan:
         """Whether pass 1 keeps the group's task vectors so that pass 2 reads nothing."""
         return self.cache_bytes(group) <= self.max_memory - self.workspace_bytes()
 
+    def float_read_bytes(self, group: Group) -> int:
+        """Bytes one pass over the group's float tensors reads from the inputs."""
+        return sum(c.lookup(t.name).nbytes for t in group.tensors if t.is_float
+                   for c in self.read_inputs)
+
     def read_bytes(self) -> int:
         """Bytes read from disk: pass 1 (when needed) plus pass 2 for uncached groups."""
         total = 0
         for g in self.groups:
-            for t in g.tensors:
-                if not t.is_float:
-                    total += t.nbytes
-                    continue
-                per = sum(c.lookup(t.name).nbytes for c in self.read_inputs)
-                total += per * (2 if self.needs_gram and not self.cacheable(g) else 1)
+            passes = 2 if self.needs_gram and not self.cacheable(g) else 1
+            total += self.float_read_bytes(g) * passes
+            total += sum(t.nbytes for t in g.tensors if not t.is_float)
         return total
 
 

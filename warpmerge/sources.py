@@ -85,7 +85,6 @@ class Checkpoint:
     commit: str | None = None
     download_bytes: int = 0
     trust_links: bool = False  # a Hub snapshot: its files are links into the cache
-    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
 
     def lookup(self, name: str) -> TensorInfo | None:
@@ -95,37 +94,28 @@ class Checkpoint:
             info = self.tensors.get(EMBED_NAME)
         return info
 
-    def read_into(self, info: TensorInfo, start: int, count: int, raw: bytearray) -> torch.Tensor:
-        """Elements [start, start+count) of a tensor: a view on the file's map once
-        `open_files` has run, else read into `raw`. No allocation either way."""
-        size = info.dtype.itemsize
-        nbytes = count * size
-        mapped = self._maps.get(info.file)
-        if mapped is not None and count:
-            return torch.frombuffer(mapped, dtype=info.dtype, count=count,
-                                    offset=info.offset + start * size)
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        view = memoryview(raw)[:nbytes]
-        got = os.preadv(fd, [view], info.offset + start * size)
-        if got != nbytes:
-            raise InputError(f"{self.label}: {info.file.name} is truncated (reading {info.name})")
-        return torch.frombuffer(raw, dtype=info.dtype, count=count) if count else torch.empty(
-            0, dtype=info.dtype
-        )
+    def read(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start+count) of a tensor: a view on the file's map, no copy.
+
+        Converting from the view reads straight from the page cache (file-backed memory, not
+        the process's own). Header checks made sure every tensor lies inside its file.
+        """
+        if not count:
+            return torch.empty(0, dtype=info.dtype)
+        mapped = self._maps.get(info.file) or self._map(info.file)
+        return torch.frombuffer(mapped, dtype=info.dtype, count=count,
+                                offset=info.offset + start * info.dtype.itemsize)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        with open(path, "rb") as f:  # a private map: torch wants a writable buffer; none writes
+            mapped = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return mapped
 
     def open_files(self) -> None:
-        """Open and map every file up front: worker threads share the maps, read-only.
-
-        Reading through a map spares the copy into a buffer: tensors are converted to float32
-        straight from the page cache (file-backed memory, not the process's own).
-        """
+        """Map every file up front, so that worker threads only ever read the shared maps."""
         for info in self.tensors.values():
-            if info.file not in self._fds:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-                # a private map: torch wants a writable buffer, and nothing ever writes to it
-                self._maps[info.file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            if info.file not in self._maps:
+                self._map(info.file)
 
     def close(self) -> None:
         for mapped in self._maps.values():
@@ -134,9 +124,6 @@ class Checkpoint:
             except BufferError:  # a tensor still views it: the map goes with that tensor
                 pass
         self._maps.clear()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
 
 
 def _show(name: str) -> str:
@@ -305,41 +292,46 @@ def read_model_config(ckpt: Checkpoint) -> dict | None:
     return config
 
 
-def _looks_local(ref: str, base_dir: Path) -> bool:
-    """A path-like ref ('./x', '/x', '~/x') or one whose first folder exists here is local."""
-    if ref.startswith((".", "/", "~")) or "\\" in ref:
-        return True
+def _local_path(ref: str, base_dir: Path) -> Path | None:
+    """The folder a ref names if it is local: it exists, or is path-like ('./x', '/x', '~/x'),
+    or its first folder exists here. None means: try it as a Hub repo id."""
+    local = Path(ref).expanduser()
+    local = local if local.is_absolute() else base_dir / local
     first = ref.split("/", 1)[0]
-    return (base_dir / first).is_dir()
-
-
-def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
-    """The local folder of a model named by a path or a Hub repo id (downloaded if needed)."""
-    local = Path(ref).expanduser()
-    local = local if local.is_absolute() else base_dir / local
-    if local.exists() or _looks_local(ref, base_dir):
+    if (local.exists() or ref.startswith((".", "/", "~")) or "\\" in ref
+            or (base_dir / first).is_dir()):
         return local
-    from . import hub
-
-    parsed = hub.parse_repo_ref(ref)
-    if parsed is None:
-        return local
-    return hub.fetch_model(parsed[0], parsed[1], progress=progress).path
+    return None
 
 
-def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
-           dry_run: bool = False) -> Checkpoint:
-    """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
-    local = Path(ref).expanduser()
-    local = local if local.is_absolute() else base_dir / local
-    if local.exists() or _looks_local(ref, base_dir):
-        return open_checkpoint(local, label, ref)
+def _hub_ref(ref: str, label: str) -> tuple[str, str | None]:
     from . import hub
 
     parsed = hub.parse_repo_ref(ref)
     if parsed is None:
         raise InputError(f"{label}: folder not found: {ref}")
-    model = hub.fetch_model(parsed[0], parsed[1], progress=progress, dry_run=dry_run)
+    return parsed
+
+
+def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
+    """The local folder of a model named by a path or a Hub repo id (downloaded if needed)."""
+    local = _local_path(ref, base_dir)
+    if local is not None:
+        return local
+    from . import hub
+
+    return hub.fetch_model(*_hub_ref(ref, ref), progress=progress).path
+
+
+def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
+           dry_run: bool = False) -> Checkpoint:
+    """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
+    local = _local_path(ref, base_dir)
+    if local is not None:
+        return open_checkpoint(local, label, ref)
+    from . import hub
+
+    model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
     remote = None
     if dry_run:  # weights not downloaded: read their headers over HTTP ranges
         missing = [f for f in model.weight_files if not (model.path / f).exists()]

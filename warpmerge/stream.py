@@ -47,11 +47,10 @@ def chunks(plan: Plan, group: Group, floats: bool) -> Iterator[Chunk]:
 
 
 class Workspace:
-    """One worker's buffers: raw input bytes, θ_init, task vectors, and one per output."""
+    """One worker's buffers: θ_init, task vectors, and one per output model."""
 
     def __init__(self, plan: Plan) -> None:
         n = plan.chunk
-        self.raw = bytearray(n * 8)
         self.x0 = torch.empty(n)
         self.tmp = torch.empty(n)
         self.merged = torch.empty(n)
@@ -130,7 +129,7 @@ class Streamer:
     # --- the arithmetic -------------------------------------------------------------------
 
     def _read(self, ws: Workspace, ckpt: Checkpoint, c: Chunk, out: torch.Tensor) -> None:
-        out.copy_(ckpt.read_into(ckpt.lookup(c.info.name), c.start, c.count, ws.raw))
+        out.copy_(ckpt.read(ckpt.lookup(c.info.name), c.start, c.count))
 
     def task_vectors(self, ws: Workspace, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ_init and δ_m = Σ_t a_{m,t}·(θ_{m,t} − θ_init) for one chunk, in float32.
@@ -222,9 +221,8 @@ class Streamer:
 
     def find_nonfinite(self, c: Chunk) -> None:
         """Name the input holding a NaN or Inf in this chunk (a sum overflowing is no error)."""
-        raw = bytearray(c.count * 8)
         for ckpt in self.plan.inputs:
-            x = ckpt.read_into(ckpt.lookup(c.info.name), c.start, c.count, raw)
+            x = ckpt.read(ckpt.lookup(c.info.name), c.start, c.count)
             if not torch.isfinite(x).all():
                 raise InputError(f"{ckpt.label}: tensor {c.info.name} contains NaN or Inf "
                                  "(use --allow-nonfinite to merge anyway)")
