@@ -129,7 +129,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
         for w in outs.writers:
             w.begin_tensor(info.name)
         if info.is_float:
-            for _ in chunks(plan, Group(group.name, [info]), True):
+            for _ in range(0, info.numel, plan.chunk):  # its chunks' results, in order
                 for w, data in zip(outs.writers, next(results), strict=True):
                     w.write(data)
                     bars.write.update(data.numel() * data.element_size())
