@@ -161,3 +161,31 @@ def test_demo_runs_offline(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert "Merged in" in out and "cos(Omega)" in out
     assert (tmp_path / "demo" / "merged" / "eta-0.3" / "model.safetensors.index.json").exists()
+
+
+def test_process_entry_point_matches_in_process(setup, monkeypatch, capsys):
+    """`python -m warpmerge` ends without the interpreter's teardown (cli.entry): its exit
+    codes, its lines and its files must be those of main() run in-process."""
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "warpmerge", *args], capture_output=True,
+                              text=True, cwd=setup, timeout=300)
+
+    done = cli("run", "warp.yaml", "-q", "--out", "sub")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(setup / "sub" / "eta-0.3"), str(setup / "sub" / "eta-1")]
+    code, _, err = run_cli(["run", str(setup / "warp.yaml"), "-q", "--out", str(setup / "inp")],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    for eta in ("eta-0.3", "eta-1"):
+        shards = sorted(p.name for p in (setup / "inp" / eta).glob("*.safetensors"))
+        assert shards == sorted(p.name for p in (setup / "sub" / eta).glob("*.safetensors"))
+        for name in shards:
+            assert (setup / "sub" / eta / name).read_bytes() == \
+                (setup / "inp" / eta / name).read_bytes()
+    again = cli("run", "warp.yaml", "-q", "--out", "sub")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--force" in again.stderr
+    assert cli("run").returncode == 2
+    assert cli("--version").stdout.strip().startswith("warpmerge ")
