@@ -12,6 +12,8 @@ across repeats and taking medians, it measures:
                    intermediates on disk, bf16 out)
   floor            a plain script that reads every input tensor once with safetensors and
                    writes one model of the output's size
+  floor-fastexit   the same script, ending as warpmerge's command does: os._exit, without
+                   the interpreter's teardown (about 0.6 s of torch's modules)
 
 Each one is a subprocess; wall time is taken around it and its peak anonymous memory (RssAnon,
 the process and its children) is sampled every 10 ms. It prints the table, the ratios and how
@@ -74,7 +76,7 @@ SIZES: dict[str, tuple[dict, int, int]] = {
     # the memory goal: a 512 MiB bf16 embedding, 5 inputs, two eta values
     "mem512": ({"vocab_size": 262144, "num_hidden_layers": 2}, 2, 2),
 }
-METHODS = ("warpmerge", "warpmerge-layer", "mergekit", "floor")
+METHODS = ("warpmerge", "warpmerge-layer", "mergekit", "floor", "floor-fastexit")
 
 # The I/O floor: start Python and torch, read every tensor of every input once with safetensors,
 # write one model of the output's size (the init's bytes) and fsync it, as warpmerge does.
@@ -117,6 +119,8 @@ with open(out_path, "wb", buffering=0) as f:
         del tensors
     os.fsync(f.fileno())
 """
+# The floor with warpmerge's exit (warpmerge/cli.py, entry): no teardown of torch's modules.
+FLOOR_FASTEXIT_SCRIPT = FLOOR_SCRIPT + "sys.stdout.flush()\nos._exit(0)\n"
 
 
 # Where warpmerge's time goes, in one process: CPU seconds of `import torch`, of the rest of
@@ -526,6 +530,9 @@ def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
                             out_dir / "warpmerge-layer"),
         "floor": ([[py, "-c", FLOOR_SCRIPT, str(out_dir / "floor.safetensors"), *inputs]],
                   out_dir / "floor.safetensors"),
+        "floor-fastexit": ([[py, "-c", FLOOR_FASTEXIT_SCRIPT,
+                             str(out_dir / "floor-fe.safetensors"), *inputs]],
+                           out_dir / "floor-fe.safetensors"),
     }
     if args.mergekit_bin and not args.skip_mergekit:
         stages = mergekit_stages(setup, root, cfg_dir, out_dir / "mergekit", args.mk_dtype,
@@ -832,6 +839,11 @@ def print_table(summary: dict) -> None:
         cpu_ratio = f"{r['cpu'] / floor_cpu:.2f}x" if floor_cpu else "-"
         print(f"  {m:<16} {r['seconds']:8.2f} {ratio:>9} {r['seconds_min']:8.2f} {min_ratio:>9} "
               f"{r['cpu']:8.2f} {cpu_ratio:>9} {mib(r['peak_anon']):>14}")
+    if "floor-fastexit" in ms:
+        fe = ms["floor-fastexit"]
+        print("  against floor-fastexit: " + ", ".join(
+            f"{m} {ms[m]['seconds'] / fe['seconds']:.2f}x" for m in ("warpmerge", "warpmerge-layer")
+            if m in ms))
     if "mergekit" in ms and "warpmerge" in ms:
         wm, mk = ms["warpmerge"], ms["mergekit"]
         st = ", ".join(f"{s:.1f}" for s in mk["stages"])
@@ -862,7 +874,8 @@ def plot(summaries: list[dict], path: Path) -> None:
         print(f"matplotlib is not installed: no plot written to {path}")
         return
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.4))
-    styles = {"warpmerge": "o-", "warpmerge-layer": "s--", "mergekit": "^-", "floor": "x:"}
+    styles = {"warpmerge": "o-", "warpmerge-layer": "s--", "mergekit": "^-", "floor": "x:",
+              "floor-fastexit": "+:"}
     panels = [("seconds", "wall time (s, median)", 1.0), ("cpu", "CPU time, user + sys (s)", 1.0),
               ("peak_anon", "peak anonymous RSS (MiB)", 2.0**-20)]
     for ax, (key, label, scale) in zip(axes, panels, strict=True):

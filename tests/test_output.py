@@ -132,3 +132,26 @@ def test_check_section_needs_a_gemma2_init(tmp_path):
     with pytest.raises(InputError):
         warpmerge.run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_every_output_file_and_folder_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    """After a power cut the final name must hold the whole model or nothing: each file and
+    folder of the staging tree is fsynced while it still has its staging name, and the parent
+    folder after the rename."""
+    import os
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = merge(tmp_path, "10KB", eta=[0.3, 1.0])
+    root = out.parent
+    staging = str(root.parent / f".{root.name}.warpmerge-partial")
+    expected = {str(p).replace(str(root), staging, 1) for p in root.rglob("*")} | {staging}
+    assert len(expected) > 12  # two models of several shards, their metadata, the folders
+    assert expected <= set(synced)
+    assert synced[-1] == str(root.parent)  # the rename itself, made durable last

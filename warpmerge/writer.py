@@ -9,6 +9,7 @@ transformers (`model-00001-of-00003.safetensors`, `model.safetensors.index.json`
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,7 +144,8 @@ class ShardedWriter:
             view = view[self._file.write(view):]
 
     def _close_file(self) -> None:
-        if self._file is not None:  # no fsync: a resumed run re-verifies every CRC instead
+        if self._file is not None:  # on disk before the journal says the shard is done
+            os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
             if self.on_shard is not None:
@@ -170,6 +172,22 @@ def file_crc32(path: Path) -> int:
     return crc
 
 
+def _sync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then the folders themselves, deepest first."""
+    for root, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _sync(Path(root, name))
+        _sync(Path(root))
+
+
 class Staging:
     """Builds an output folder beside its target and renames it into place only when complete.
 
@@ -191,15 +209,22 @@ class Staging:
         return self.path
 
     def commit(self) -> None:
-        """Swap the finished folder in; an existing target (with --force) is replaced."""
+        """Swap the finished folder in; an existing target (with --force) is replaced.
+
+        Every file and folder is flushed to disk first, so that after a power cut the final
+        name holds the whole model or is not there: without the flushes a filesystem may
+        persist the rename before the data and leave empty shards under the final name.
+        """
         import shutil
 
+        _sync_tree(self.path)
         old = self.target.parent / f".{self.target.name}.warpmerge-old"
         if self.target.exists():
             if old.exists():
                 shutil.rmtree(old)
             self.target.rename(old)
         self.path.rename(self.target)
+        _sync(self.target.parent)
         if old.exists():
             shutil.rmtree(old)
 
