@@ -28,6 +28,7 @@ from .writer import OutTensor, ShardedWriter
 
 BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
 DEFAULT_CHUNK = 1 << 18  # elements per chunk: a worker's buffers stay in the CPU cache
+JOB_CHUNKS = 4  # chunks per worker job: a hand-off between threads costs more than a chunk
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 LAYER = re.compile(r"^(.*?layers\.\d+)\.")
 CACHE_ALIGN = 64  # elements
@@ -104,9 +105,10 @@ class Plan:
         return len(self.runs) > 1
 
     def workspace_bytes(self) -> int:
-        """The chunk buffers of all workers (see stream.Workspace)."""
-        per_worker = self.chunk * 4 * (3 + len(self.runs) + self.n_outputs)
-        return per_worker * (self.threads + 1)
+        """The chunk buffers: each worker's scratch, and the results of the jobs in flight."""
+        scratch = self.chunk * 4 * (3 + len(self.runs))
+        results = self.chunk * 4 * self.n_outputs * JOB_CHUNKS
+        return scratch * self.threads + results * (self.threads + 1)
 
     def cache_bytes(self, group: Group) -> int:
         return (len(self.runs) + 1) * 4 * group.cache_numel

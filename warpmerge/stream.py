@@ -1,10 +1,12 @@
 """Streaming the arithmetic: chunks of tensors through reusable buffers, on worker threads.
 
-A chunk is a contiguous run of elements of one tensor. Each worker owns a `Workspace` of
-chunk-sized buffers allocated once (fresh allocations and their page faults, not arithmetic,
-dominate naive code), reads its inputs with `pread` (which releases the GIL, as torch ops do),
-and runs torch single-threaded: parallelism comes from chunks, never from splitting one op, so
-the bits of every result are the same whatever the number of workers.
+A chunk is a contiguous run of elements of one tensor. Each worker thread owns a `Scratch` of
+chunk-sized buffers, allocated once and used for every chunk it computes, so they stay in that
+core's cache (fresh allocations and their page faults, not arithmetic, dominate naive code;
+buffers passed between threads cost nearly as much). Workers take several chunks per job, which
+keeps hand-offs between threads rare, and run torch single-threaded: parallelism comes from
+chunks, never from splitting one op, so the bits of every result are the same whatever the
+number of workers.
 
 Reductions are partial sums over fixed blocks of BLOCK elements, aligned to the tensor, and are
 combined exactly (math.fsum) in float64: no chunk size or thread count changes the Gram matrix.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import InputError
-from .plan import BLOCK, Group, Plan, aligned
+from .plan import BLOCK, JOB_CHUNKS, Group, Plan, aligned
 from .sources import Checkpoint, TensorInfo
 
 
@@ -46,8 +49,8 @@ def chunks(plan: Plan, group: Group, floats: bool) -> Iterator[Chunk]:
         offset += aligned(info.numel)
 
 
-class Workspace:
-    """One worker's buffers: θ_init, task vectors, and one per output model."""
+class Scratch:
+    """One worker thread's float32 buffers: θ_init, task vectors, and two for intermediates."""
 
     def __init__(self, plan: Plan) -> None:
         n = plan.chunk
@@ -55,7 +58,14 @@ class Workspace:
         self.tmp = torch.empty(n)
         self.merged = torch.empty(n)
         self.deltas = torch.empty((len(plan.runs), n))
-        self.outs = [torch.empty(n * 4, dtype=torch.uint8) for _ in range(plan.n_outputs)]
+
+
+class OutBuffers:
+    """One chunk's results, one buffer per output model: they travel to the writer."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.outs = [torch.empty(plan.chunk * 4, dtype=torch.uint8)
+                     for _ in range(plan.n_outputs)]
 
     def out(self, k: int, dtype: torch.dtype, count: int) -> torch.Tensor:
         return self.outs[k].view(dtype)[:count]
@@ -71,9 +81,10 @@ class Streamer:
         if plan.threads > 1:  # torch's thread setting is per thread (OpenMP): set it in each
             self.pool = ThreadPoolExecutor(plan.threads, initializer=torch.set_num_threads,
                                            initargs=(1,))
-        self.free: queue.Queue[Workspace] = queue.Queue()
+        self.free: queue.Queue[list[OutBuffers]] = queue.Queue()  # one per job in flight
         for _ in range(self.window):
-            self.free.put(Workspace(plan))
+            self.free.put([OutBuffers(plan) for _ in range(JOB_CHUNKS)])
+        self._scratch: dict[int, Scratch] = {}  # by thread
         self.cache: torch.Tensor | None = None  # this group's θ_init and δ_m, when kept
         self._store: torch.Tensor | None = None  # the memory behind it, reused by every group
         self.cache_numel = 0
@@ -84,35 +95,47 @@ class Streamer:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def ordered(self, fn: Callable, jobs: Iterable[Chunk]) -> Iterator:
-        """fn(workspace, chunk) for every chunk, results yielded in job order.
+    def scratch(self) -> Scratch:
+        """The calling thread's own buffers (each thread only ever adds its own key)."""
+        key = threading.get_ident()
+        mine = self._scratch.get(key)
+        if mine is None:
+            mine = self._scratch[key] = Scratch(self.plan)
+        return mine
 
-        The workspace of a yielded result stays untouched until the caller asks for the next.
+    def ordered(self, fn: Callable, jobs: Iterable[Chunk]) -> Iterator:
+        """fn(out_buffers, chunk) for every chunk, results yielded in job order.
+
+        Chunks go to the workers JOB_CHUNKS at a time. The buffers of a yielded result stay
+        untouched until the caller asks for the next.
         """
-        pending: deque[tuple[Workspace, Future]] = deque()
+        pending: deque[tuple[list[OutBuffers], Future]] = deque()
         jobs = iter(jobs)
+
+        def batch(slot: list[OutBuffers], cs: list[Chunk]) -> list:
+            return [fn(bufs, c) for bufs, c in zip(slot, cs, strict=False)]
 
         def fill() -> None:
             while len(pending) < self.window:
-                job = next(jobs, None)
-                if job is None:
+                cs = [c for _, c in zip(range(JOB_CHUNKS), jobs, strict=False)]
+                if not cs:
                     return
-                ws = self.free.get()
+                slot = self.free.get()
                 if self.pool is None:
                     fut: Future = Future()
                     try:
-                        fut.set_result(fn(ws, job))
+                        fut.set_result(batch(slot, cs))
                     except BaseException as exc:  # re-raised in order, like the pool's
                         fut.set_exception(exc)
                 else:
-                    fut = self.pool.submit(fn, ws, job)
-                pending.append((ws, fut))
+                    fut = self.pool.submit(batch, slot, cs)
+                pending.append((slot, fut))
 
         fill()
         while pending:
-            ws, fut = pending.popleft()
+            slot, fut = pending.popleft()
             try:
-                result = fut.result()
+                results = fut.result()
             except BaseException:
                 for _, other in pending:
                     other.cancel()
@@ -121,17 +144,17 @@ class Streamer:
                         other.exception()  # wait: no worker may outlive its buffers
                 raise
             try:
-                yield result
-            finally:  # also when the caller stops early: the workspace goes back
-                self.free.put(ws)
+                yield from results
+            finally:  # also when the caller stops early: the buffers go back
+                self.free.put(slot)
             fill()
 
     # --- the arithmetic -------------------------------------------------------------------
 
-    def _read(self, ws: Workspace, ckpt: Checkpoint, c: Chunk, out: torch.Tensor) -> None:
+    def _read(self, ckpt: Checkpoint, c: Chunk, out: torch.Tensor) -> None:
         out.copy_(ckpt.read(ckpt.lookup(c.info.name), c.start, c.count))
 
-    def task_vectors(self, ws: Workspace, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def task_vectors(self, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """θ_init and δ_m = Σ_t a_{m,t}·(θ_{m,t} − θ_init) for one chunk, in float32.
 
         Computed straight into the group cache when there is one, else into the workspace.
@@ -139,31 +162,32 @@ class Streamer:
         elementwise ops, each computing every element the same way wherever a chunk starts or
         ends, so chunking never changes a bit (tests/test_engine.py checks this).
         """
-        x0, targets = self._targets(ws, c)
-        self._read(ws, self.plan.init, c, x0)
-        deltas = [self._accumulate(ws, c, run, coefs, x0, d) for run, coefs, d
+        x0, targets = self._targets(c)
+        self._read(self.plan.init, c, x0)
+        deltas = [self._accumulate(c, run, coefs, x0, d) for run, coefs, d
                   in zip(self.plan.runs, self.plan.ema_coefs, targets, strict=True)]
         return x0, deltas
 
-    def _targets(self, ws: Workspace, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Where a chunk's θ_init and task vectors live: cache slices, or workspace buffers."""
+    def _targets(self, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Where a chunk's θ_init and task vectors live: cache slices, or scratch buffers."""
         n, M = c.count, len(self.plan.runs)
         if self.cache is None:
-            return ws.x0[:n], [ws.deltas[m, :n] for m in range(M)]
+            mine = self.scratch()
+            return mine.x0[:n], [mine.deltas[m, :n] for m in range(M)]
         g = self.cache_numel
         views = [self.cache[g * k + c.offset:][:n] for k in range(M + 1)]
         return views[0], views[1:]
 
-    def _accumulate(self, ws: Workspace, c: Chunk, run: list[Checkpoint], coefs: list[float],
+    def _accumulate(self, c: Chunk, run: list[Checkpoint], coefs: list[float],
                     x0: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """d = Σ_t a_t·(θ_t − θ_init) over one run's checkpoints, in place."""
-        tmp = ws.tmp[:c.count]
+        tmp = self.scratch().tmp[:c.count]
         first = True
         for ckpt, a in zip(run, coefs, strict=True):
             if a == 0.0:
                 continue
             target = d if first else tmp
-            self._read(ws, ckpt, c, target)
+            self._read(ckpt, c, target)
             target.sub_(x0)
             if first:
                 if a != 1.0:
@@ -173,9 +197,9 @@ class Streamer:
             first = False
         return d
 
-    def gram_job(self, ws: Workspace, c: Chunk) -> list[list[float]]:
+    def gram_job(self, bufs: OutBuffers, c: Chunk) -> list[list[float]]:
         """Pass 1 for one chunk: block partial sums of ⟨δ_i, δ_j⟩ (i ≤ j) and ‖θ_init‖²."""
-        x0, deltas = self.task_vectors(ws, c)
+        x0, deltas = self.task_vectors(c)
         vectors = deltas + [x0]
         pairs = [(i, j) for i in range(len(deltas)) for j in range(i, len(deltas))]
         pairs.append((len(deltas), len(deltas)))
@@ -188,14 +212,15 @@ class Streamer:
             self.find_nonfinite(c)  # a NaN or Inf in θ_init or in any δ_m shows here
         return sums
 
-    def write_job(self, ws: Workspace, c: Chunk) -> list[torch.Tensor]:
+    def write_job(self, bufs: OutBuffers, c: Chunk) -> list[torch.Tensor]:
         """Pass 2 for one chunk: θ_init + η·Σ c_m δ_m per η, then θ_init + δ_m per saved EMA."""
         n = c.count
         if self.cache is not None:  # pass 1 left them there
-            x0, deltas = self._targets(ws, c)
+            x0, deltas = self._targets(c)
         else:
-            x0, deltas = self.task_vectors(ws, c)
-        merged, tmp = ws.merged[:n], ws.tmp[:n]
+            x0, deltas = self.task_vectors(c)
+        mine = self.scratch()
+        merged, tmp = mine.merged[:n], mine.tmp[:n]
         torch.mul(deltas[0], self.coefs[0], out=merged)
         for coef, d in zip(self.coefs[1:], deltas[1:], strict=True):
             merged.add_(d, alpha=coef)
@@ -207,13 +232,13 @@ class Streamer:
         outs = []
         for k, eta in enumerate(self.plan.etas):
             torch.add(x0, merged, alpha=eta, out=tmp)
-            outs.append(ws.out(k, dtype, n))
+            outs.append(bufs.out(k, dtype, n))
             outs[-1].copy_(tmp)
         for m, d in enumerate(deltas if self.plan.ema_root else []):
             if self.plan.save_coefs[m] != self.plan.ema_coefs[m]:  # `use: last` merges the
                 run = self.plan.runs[m]  # last checkpoints, but `save` writes the EMAs
-                d = self._accumulate(ws, c, run, self.plan.save_coefs[m], x0, merged)
-            out = ws.out(len(self.plan.etas) + m, dtype, n)
+                d = self._accumulate(c, run, self.plan.save_coefs[m], x0, merged)
+            out = bufs.out(len(self.plan.etas) + m, dtype, n)
             torch.add(x0, d, out=tmp)
             out.copy_(tmp)
             outs.append(out)
