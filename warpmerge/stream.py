@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -117,7 +118,7 @@ class Streamer:
 
         def fill() -> None:
             while len(pending) < self.window:
-                cs = [c for _, c in zip(range(JOB_CHUNKS), jobs, strict=False)]
+                cs = list(islice(jobs, JOB_CHUNKS))
                 if not cs:
                     return
                 slot = self.free.get()
