@@ -707,6 +707,32 @@ def test_free_space_checked_before_writing(setup, monkeypatch, capsys):
     assert tree(setup) == before
 
 
+def test_free_space_checked_on_the_disk_of_ema_save(setup, monkeypatch, capsys):
+    """ema.save on another disk (here /dev, another filesystem, said to be nearly full): that
+    disk is checked for the saved EMAs, the output's disk for the merged models."""
+    import warpmerge.plan
+
+    real = warpmerge.plan.free_bytes
+
+    def free_bytes(path):
+        return (Path("/dev"), 1000) if "emas" in str(path) else real(path)
+
+    monkeypatch.setattr(warpmerge.plan, "free_bytes", free_bytes)
+    text = (setup / "warp.yaml").read_text()
+    (setup / "warp.yaml").write_text(text.replace("ema: {mu: 0.1, every: 2}",
+                                                  "ema: {mu: 0.1, every: 2, save: emas}"))
+    code, out, _ = run_cli(["run", str(setup / "warp.yaml"), "--dry-run"], monkeypatch, capsys)
+    assert code == 0
+    disks = [line for line in out.splitlines() if line.startswith("Disk at")]
+    assert len(disks) == 2 and disks[1].startswith("Disk at /dev: 1.0 KB free for ")
+    assert "MISSING" in disks[1] and "MISSING" not in disks[0]
+    before = tree(setup)
+    code, out, err = run_cli(["run", str(setup / "warp.yaml"), "-q"], monkeypatch, capsys)
+    assert code == 1, err
+    assert_one_line_error(err, "not enough free space at /dev", "1.0 KB is free")
+    assert tree(setup) == before
+
+
 # --- determinism ---------------------------------------------------------------------------------
 
 def test_bit_identical_across_threads_chunks_and_memory(tmp_path, monkeypatch, capsys):

@@ -28,7 +28,7 @@ from .journal import NAME as JOURNAL
 from .journal import Journal, fingerprint
 from .metadata import build_provenance, write_metadata
 from .ops import ChainStep, chain_coefficients
-from .plan import Group, Plan, free_bytes, human
+from .plan import Group, Plan, disk_needs, human
 from .stream import Streamer, chunks
 from .writer import ShardedWriter, Staging
 
@@ -162,11 +162,11 @@ def _progress(plan: Plan, quiet: bool) -> _Bars:
 
 
 def _check_free_space(plan: Plan) -> None:
-    path, free = free_bytes(plan.output_root)
-    needed = plan.out_bytes
-    if needed > free:
-        raise RunError(f"not enough free space at {path}: the output needs {human(needed)}, "
-                       f"{human(free)} is free ({human(needed - free)} missing)")
+    for path, free, needed in disk_needs(plan):
+        if needed > free:
+            raise RunError(f"not enough free space at {path}: the output needs "
+                           f"{human(needed)}, {human(free)} is free "
+                           f"({human(needed - free)} missing)")
 
 
 def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResult:

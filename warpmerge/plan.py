@@ -277,6 +277,25 @@ def free_bytes(path: Path) -> tuple[Path, int]:
     return path, shutil.disk_usage(path).free
 
 
+def disk_needs(plan: Plan) -> list[tuple[Path, int, int]]:
+    """(where, free bytes, bytes to write there) for each disk the outputs go to.
+
+    The merged models go to output.path and the saved EMAs to ema.save, which may be on
+    another disk; two paths on one disk add up.
+    """
+    model = sum(t.nbytes for t in plan.out_tensors)
+    targets = [(plan.output_root, model * len(plan.etas))]
+    if plan.ema_root is not None:
+        targets.append((plan.ema_root, model * len(plan.runs)))
+    disks: dict[int, tuple[Path, int, int]] = {}
+    for root, nbytes in targets:
+        where, free = free_bytes(root)
+        disk = where.stat().st_dev
+        where, free, needed = disks.get(disk, (where, free, 0))
+        disks[disk] = (where, free, needed + nbytes)
+    return list(disks.values())
+
+
 def _space_lines(plan: Plan) -> list[str]:
     """Disk space for the dry run: downloads into the Hub cache, and the output."""
     lines = []
@@ -288,8 +307,8 @@ def _space_lines(plan: Plan) -> list[str]:
         short = f", {human(download - free)} MISSING" if download > free else ""
         lines.append(f"Download: {human(download)} into {hub_cache_dir()} "
                      f"({human(free)} free{short})")
-    where, free = free_bytes(plan.output_root)
-    short = f", {human(plan.out_bytes - free)} MISSING" if plan.out_bytes > free else ""
-    lines.append(f"Disk at {where}: {human(free)} free for {human(plan.out_bytes)} of "
-                 f"output{short}")
+    for where, free, needed in disk_needs(plan):
+        short = f", {human(needed - free)} MISSING" if needed > free else ""
+        lines.append(f"Disk at {where}: {human(free)} free for {human(needed)} of "
+                     f"output{short}")
     return lines
