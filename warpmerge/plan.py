@@ -97,8 +97,13 @@ class Plan:
         return len(self.etas) + (len(self.runs) if self.ema_root else 0)
 
     @property
+    def model_bytes(self) -> int:
+        """The bytes of one output model."""
+        return sum(t.nbytes for t in self.out_tensors)
+
+    @property
     def out_bytes(self) -> int:
-        return sum(t.nbytes for t in self.out_tensors) * self.n_outputs
+        return self.model_bytes * self.n_outputs
 
     @property
     def needs_gram(self) -> bool:
@@ -283,10 +288,9 @@ def disk_needs(plan: Plan) -> list[tuple[Path, int, int]]:
     The merged models go to output.path and the saved EMAs to ema.save, which may be on
     another disk; two paths on one disk add up.
     """
-    model = sum(t.nbytes for t in plan.out_tensors)
-    targets = [(plan.output_root, model * len(plan.etas))]
+    targets = [(plan.output_root, plan.model_bytes * len(plan.etas))]
     if plan.ema_root is not None:
-        targets.append((plan.ema_root, model * len(plan.runs)))
+        targets.append((plan.ema_root, plan.model_bytes * len(plan.runs)))
     disks: dict[int, tuple[Path, int, int]] = {}
     for root, nbytes in targets:
         where, free = free_bytes(root)
