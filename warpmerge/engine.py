@@ -39,6 +39,7 @@ class GroupResult:
     numel: int
     coefficients: list[float]
     chain: list[ChainStep]
+    gram: list[list[float]] | None = None  # ⟨δ_i, δ_j⟩ of the runs' task vectors (M > 1)
 
     def to_dict(self, run_names: list[str]) -> dict[str, Any]:
         return {
@@ -47,13 +48,14 @@ class GroupResult:
             "chain": [{"run": run_names[s.run], "run_index": s.run, "lambda": s.lam,
                        "cos_omega": s.cos_omega, "mode": s.mode} for s in self.chain],
             "coefficients": self.coefficients,
+            "gram": self.gram,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GroupResult:
         chain = [ChainStep(s["run_index"], s["lambda"], s["cos_omega"], s["mode"])
                  for s in d["chain"]]
-        return cls(d["name"], d["numel"], d["coefficients"], chain)
+        return cls(d["name"], d["numel"], d["coefficients"], chain, d.get("gram"))
 
 
 @dataclass
@@ -123,7 +125,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
         s.coefs, steps = chain_coefficients(gram, weights, plan.config.slerp.lam, total[(M, M)])
     else:
         s.begin_group(group, cache=False)
-        s.coefs, steps = [1.0], []
+        s.coefs, steps, gram = [1.0], [], None
     results = s.ordered(s.write_job, chunks(plan, group, True))
     for info in group.tensors:
         for w in outs.writers:
@@ -141,7 +143,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
                     bars.write.update(data.numel() * data.element_size())
     if next(results, None) is not None:
         raise RuntimeError("more chunk results than tensors")
-    return GroupResult(group.name, group.float_numel, s.coefs, steps)
+    return GroupResult(group.name, group.float_numel, s.coefs, steps, gram)
 
 
 def _chunk_bytes(plan: Plan, c: Any) -> int:
