@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from warpmerge.config import WarpConfig, build_config, load_config
 from warpmerge.errors import ConfigError, InputError
-from warpmerge.sources import open_checkpoint
+from warpmerge.modelfolder import open_checkpoint
 
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -621,13 +621,13 @@ def test_interrupt_stops_cleanly(big, big_reference, tmp_path, sig, threads):
 
 
 def test_interrupt_while_planning_exits_1_with_a_message(setup, monkeypatch, capsys):
-    import warpmerge.sources
+    import warpmerge.resolve
 
     def interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, while the inputs are opened
         time.sleep(5)  # the CLI's handler raises here
 
-    monkeypatch.setattr(warpmerge.sources, "open_checkpoint", interrupted)
+    monkeypatch.setattr(warpmerge.resolve, "open_checkpoint", interrupted)
     code, _, err = run_cli(["run", str(setup / "warp.yaml"), "-q"], monkeypatch, capsys)
     assert code == 1
     assert_one_line_error(err, "interrupted")
@@ -710,14 +710,14 @@ def test_free_space_checked_before_writing(setup, monkeypatch, capsys):
 def test_free_space_checked_on_the_disk_of_ema_save(setup, monkeypatch, capsys):
     """ema.save on another disk (here /dev, another filesystem, said to be nearly full): that
     disk is checked for the saved EMAs, the output's disk for the merged models."""
-    import warpmerge.plan
+    import warpmerge.probes
 
-    real = warpmerge.plan.free_bytes
+    real = warpmerge.probes.free_bytes
 
     def free_bytes(path):
         return (Path("/dev"), 1000) if "emas" in str(path) else real(path)
 
-    monkeypatch.setattr(warpmerge.plan, "free_bytes", free_bytes)
+    monkeypatch.setattr(warpmerge.probes, "free_bytes", free_bytes)
     text = (setup / "warp.yaml").read_text()
     (setup / "warp.yaml").write_text(text.replace("ema: {mu: 0.1, every: 2}",
                                                   "ema: {mu: 0.1, every: 2, save: emas}"))

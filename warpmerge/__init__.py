@@ -3,6 +3,7 @@
     import warpmerge
     result = warpmerge.run("warp.yaml")      # or warpmerge.run(warpmerge.WarpConfig(...))
     result.outputs                            # one folder per η
+    print(warpmerge.plan("warp.yaml"))        # what --dry-run prints; writes nothing
 
 Names are imported on first use, so that `warpmerge --help` does not pay for torch.
 """
@@ -16,6 +17,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "run": "api",
+    "plan": "api",
+    "Plan": "planner",
     "WarpConfig": "config",
     "load_config": "config",
     "ema": "ops",

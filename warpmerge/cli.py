@@ -65,10 +65,11 @@ def run(
     = False,
 ) -> None:
     """Merge as CONFIG says: EMA per run, SLERP across runs, LITI per eta."""
+    from .api import plan as plan_merge
     from .api import run as run_merge
-    from .config import load_config, parse_size
+    from .config import load_config
     from .errors import ConfigError
-    from .plan import describe_plan, plan_merge
+    from .units import parse_size
 
     _imports_done()
     cfg = load_config(config)
@@ -79,11 +80,11 @@ def run(
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     if dry_run:
-        plan = plan_merge(cfg, out, force=force, progress=not quiet, dry_run=True,
-                          chunk=chunk_size, max_memory=budget, threads=threads)
+        plan = plan_merge(cfg, out=out, force=force, quiet=quiet, chunk=chunk_size,
+                          max_memory=budget, threads=threads)
         for warning in plan.warnings:
             typer.echo(f"warning: {warning}", err=True)
-        typer.echo(describe_plan(plan))
+        typer.echo(str(plan))
         typer.echo("Dry run: nothing written.")
         return
     result = run_merge(cfg, out=out, force=force, threads=threads, quiet=quiet, chunk=chunk_size,
@@ -110,7 +111,7 @@ def check(
 ) -> None:
     """NLL of MODEL, and KL and top-1 agreement against each --against model."""
     from .check import check_command
-    from .sources import model_folder
+    from .resolve import model_folder
 
     _imports_done()
 

@@ -27,36 +27,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
+from .units import parse_size
 
 DTYPES = ("bfloat16", "float16", "float32")
 GLOB_CHARS = re.compile(r"[*?\[]")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-SIZE_UNITS = {
-    "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-}
-
-
-def parse_size(value: int | str, what: str = "size") -> int:
-    """'5GB' -> 5_000_000_000 (decimal, as transformers); 'GiB' units are binary."""
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be a number of bytes or a string like '5GB'")
-    if isinstance(value, int):
-        number, unit = value, ""
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-        if not m or m.group(2).upper() not in SIZE_UNITS:
-            raise ValueError(f"{what} must be like '5GB', '500MB' or a number of bytes")
-        number, unit = float(m.group(1)), m.group(2).upper()
-    size = number * SIZE_UNITS[unit]
-    if not math.isfinite(size) or size >= 2**63:
-        raise ValueError(f"{what} is too large")
-    size = int(size)
-    if size <= 0:
-        raise ValueError(f"{what} must be greater than 0")
-    return size
-
-
 def natural_key(text: str) -> list[Any]:
     """Sort key that puts step-2 before step-10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

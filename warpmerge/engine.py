@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,12 @@ import torch
 from .errors import Interrupted, RunError
 from .journal import NAME as JOURNAL
 from .journal import Journal, fingerprint
-from .metadata import build_provenance, write_metadata
+from .metadata import build_provenance, write_model_files, write_provenance
 from .ops import ChainStep, chain_coefficients
-from .plan import Group, Plan, disk_needs, human
+from .planner import Group, Plan
+from .probes import probe_machine
 from .stream import Streamer, chunks
+from .units import format_bytes
 from .writer import ShardedWriter, Staging
 
 
@@ -76,12 +79,11 @@ class _Outputs:
 
     def __init__(self, plan: Plan, roots: list[Path], journal: Journal,
                  verified: set[Path]) -> None:
-        max_shard = plan.config.output.shard_size
+        self.layout = plan.layout
         self.eta_dirs = [roots[0] / d.relative_to(plan.output_root) for d in plan.output_dirs]
         self.ema_dirs = [roots[1] / n for n in plan.run_names] if plan.ema_root else []
-        self.dirs = self.eta_dirs + self.ema_dirs
         self.writers = []
-        for d in self.dirs:
+        for d in self.eta_dirs + self.ema_dirs:
             d.mkdir(parents=True, exist_ok=True)
             root = 0 if d in self.eta_dirs else 1
 
@@ -89,14 +91,14 @@ class _Outputs:
                 journal.shard_done(f"{root}/{path.relative_to(roots[root]).as_posix()}",
                                    size, crc)
 
-            writer = ShardedWriter(d, plan.out_tensors, max_shard, on_shard=record)
-            writer.done = frozenset(i for i, name in enumerate(writer.names)
-                                    if d / name in verified)
-            self.writers.append(writer)
+            done = frozenset(i for i, name in enumerate(self.layout.names)
+                             if d / name in verified)
+            self.writers.append(ShardedWriter(d, self.layout, done, on_shard=record))
 
     def finished(self, group: Group) -> bool:
         """Whether every tensor of the group lies in shards that are already on disk."""
-        return all(w.shard_by_name[t.name] in w.done for w in self.writers for t in group.tensors)
+        return all(self.layout.shard_of[t.name] in w.done
+                   for w in self.writers for t in group.tensors)
 
 
 @dataclass
@@ -164,18 +166,28 @@ def _progress(plan: Plan, quiet: bool) -> _Bars:
 
 
 def _check_free_space(plan: Plan) -> None:
-    for path, free, needed in disk_needs(plan):
-        if needed > free:
-            raise RunError(f"not enough free space at {path}: the output needs "
-                           f"{human(needed)}, {human(free)} is free "
-                           f"({human(needed - free)} missing)")
+    """Measured again now: the disks may have filled up since the plan was made."""
+    machine = probe_machine([plan.output_root] + ([plan.ema_root] if plan.ema_root else []))
+    for need in plan.disk_needs(machine):
+        if need.missing:
+            raise RunError(f"not enough free space at {need.where}: the output needs "
+                           f"{format_bytes(need.needed)}, {format_bytes(need.free)} is free "
+                           f"({format_bytes(need.missing)} missing)")
 
 
-def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResult:
+# Figures about the finished outputs (the check, the front) to record in each η output's
+# warpmerge.json and card: called with the staged folders and their final paths, before the
+# provenance is written and the folders take their final names.
+Annotate = Callable[[list[Path], list[Path]], list[dict[str, Any]]]
+
+
+def execute(plan: Plan, *, quiet: bool = False, resume: bool = False,
+            annotate: Annotate | None = None) -> RunResult:
     """Stream the merge into staging folders and rename them into place when complete.
 
     With `resume`, a staging folder left by a killed run of the same merge is continued:
     its journal's shards are verified and kept, and finished groups are not recomputed.
+    The provenance and card are written once, last, with what `annotate` adds.
     """
     t0 = time.perf_counter()
     _check_free_space(plan)
@@ -193,10 +205,10 @@ def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResu
         if prior is None:
             journal.start(fp)
         outs = _Outputs(plan, roots, journal, verified)
-        for c in plan.inputs:
+        for c in plan.inputs.all:
             c.open_files()
         bars = _progress(plan, quiet)
-        out_bytes = {t.name: t.nbytes for t in plan.out_tensors}
+        out_bytes = {t.name: t.nbytes for t in plan.layout.tensors}
         try:
             for index, group in enumerate(plan.groups):
                 done = journal.groups.get(index)
@@ -214,11 +226,15 @@ def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResu
             bars.write.close()
         for w in outs.writers:
             w.finish()
+        for d in outs.eta_dirs + outs.ema_dirs:
+            write_model_files(plan, d)
         provenance = build_provenance(plan, [g.to_dict(plan.run_names) for g in results])
-        for d, eta in zip(outs.eta_dirs, plan.etas, strict=True):
-            write_metadata(plan, d, {**provenance, "eta": eta})
+        extras = (annotate(outs.eta_dirs, list(plan.output_dirs)) if annotate
+                  else [{} for _ in plan.etas])
+        for d, eta, extra in zip(outs.eta_dirs, plan.etas, extras, strict=True):
+            write_provenance(plan, d, {**provenance, "eta": eta, **extra})
         for d, name in zip(outs.ema_dirs, plan.run_names if outs.ema_dirs else [], strict=True):
-            write_metadata(plan, d, {**provenance, "eta": None, "ema_of_run": name})
+            write_provenance(plan, d, {**provenance, "eta": None, "ema_of_run": name})
         (roots[0] / JOURNAL).unlink()
         for st in stagings:
             st.commit()
@@ -236,7 +252,8 @@ def execute(plan: Plan, *, quiet: bool = False, resume: bool = False) -> RunResu
     finally:
         streamer.close()
         torch.set_num_threads(torch_threads)
-        for c in plan.inputs:
+        for c in plan.inputs.all:
             c.close()
     ema_outputs = [plan.ema_root / n for n in plan.run_names] if plan.ema_root else []
-    return RunResult(plan.output_dirs, ema_outputs, results, time.perf_counter() - t0, provenance)
+    return RunResult(list(plan.output_dirs), ema_outputs, results, time.perf_counter() - t0,
+                     provenance)

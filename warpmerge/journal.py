@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .plan import Plan
+from .planner import Plan
 from .writer import file_crc32
 
 NAME = ".warpmerge-journal.jsonl"
@@ -32,7 +32,7 @@ def fingerprint(plan: Plan) -> str:
         "config": config,
         # headers, sizes and modification times: a file replaced since is not resumed
         "inputs": [[(f.header_sha256, f.size, _mtime(c.path / f.name)) for f in c.files]
-                   for c in plan.inputs],
+                   for c in plan.inputs.all],
     }
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

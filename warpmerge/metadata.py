@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .plan import Plan
-from .sources import HEAD_NAME, MODEL_FILES, Checkpoint
+from .modelfolder import HEAD_NAME, MODEL_FILES, Checkpoint
+from .planner import Plan
 
 
 def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]
             "files": [{"name": f.name, "size": f.size, "header_sha256": f.header_sha256}
                       for f in c.files],
         }
-        for c in plan.inputs
+        for c in plan.inputs.all
     ]
     return {
         "warpmerge_version": __version__,
@@ -41,7 +41,7 @@ def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]
         "runs": [
             {"name": n, "weight": p.weight, "checkpoints": len(r), "ema_coefficients": a}
             for n, p, r, a in zip(plan.run_names, plan.config.policies, plan.runs,
-                                  plan.ema_coefs, strict=True)
+                                  plan.contributions, strict=True)
         ],
         "groups": groups,
         "check": None,
@@ -58,8 +58,8 @@ def _shown_ref(plan: Plan, c: Checkpoint) -> str:
         return c.path.name
 
 
-def write_metadata(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None:
-    """config.json (dtype updated), tokenizer and generation files, warpmerge.json, card."""
+def write_model_files(plan: Plan, folder: Path) -> None:
+    """config.json (dtype updated), and the tokenizer and generation files of the init."""
     src = plan.init.path
     cfg = dict(plan.model_config) if plan.model_config is not None else None
     if cfg is not None:
@@ -73,18 +73,11 @@ def write_metadata(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None
         for name in MODEL_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, folder / name)
-    write_provenance(folder, provenance, read_license(src))
 
 
-def write_provenance(folder: Path, provenance: dict[str, Any], license_: str | None) -> None:
-    """warpmerge.json and the README.md card made from it (rewritten when figures change)."""
+def write_provenance(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None:
+    """warpmerge.json and the README.md card made from it."""
     from .card import render_card
 
     (folder / "warpmerge.json").write_text(json.dumps(provenance, indent=2) + "\n")
-    (folder / "README.md").write_text(render_card(provenance, license=license_))
-
-
-def read_license(model: Path) -> str | None:
-    from .hub import read_license as read
-
-    return read(model)
+    (folder / "README.md").write_text(render_card(provenance, license=plan.license))

@@ -26,8 +26,8 @@ from itertools import islice
 import torch
 
 from .errors import InputError
-from .plan import BLOCK, JOB_CHUNKS, Group, Plan, aligned
-from .sources import Checkpoint, TensorInfo
+from .modelfolder import Checkpoint, TensorInfo
+from .planner import BLOCK, JOB_CHUNKS, Group, Plan, aligned
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class Streamer:
         x0, targets = self._targets(c)
         self._read(self.plan.init, c, x0)
         deltas = [self._accumulate(c, run, coefs, x0, d) for run, coefs, d
-                  in zip(self.plan.runs, self.plan.ema_coefs, targets, strict=True)]
+                  in zip(self.plan.runs, self.plan.contributions, targets, strict=True)]
         return x0, deltas
 
     def _targets(self, c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -236,9 +236,9 @@ class Streamer:
             outs.append(bufs.out(k, dtype, n))
             outs[-1].copy_(tmp)
         for m, d in enumerate(deltas if self.plan.ema_root else []):
-            if self.plan.save_coefs[m] != self.plan.ema_coefs[m]:  # `use: last` merges the
+            if self.plan.ema_weights[m] != self.plan.contributions[m]:  # `use: last` merges the
                 run = self.plan.runs[m]  # last checkpoints, but `save` writes the EMAs
-                d = self._accumulate(c, run, self.plan.save_coefs[m], x0, merged)
+                d = self._accumulate(c, run, self.plan.ema_weights[m], x0, merged)
             out = bufs.out(len(self.plan.etas) + m, dtype, n)
             torch.add(x0, d, out=tmp)
             out.copy_(tmp)
@@ -247,7 +247,7 @@ class Streamer:
 
     def find_nonfinite(self, c: Chunk) -> None:
         """Name the input holding a NaN or Inf in this chunk (a sum overflowing is no error)."""
-        for ckpt in self.plan.inputs:
+        for ckpt in self.plan.inputs.all:
             x = ckpt.read(ckpt.lookup(c.info.name), c.start, c.count)
             if not torch.isfinite(x).all():
                 raise InputError(f"{ckpt.label}: tensor {c.info.name} contains NaN or Inf "

@@ -1,9 +1,8 @@
-"""Writing a sharded safetensors model tensor by tensor, never buffering a shard.
+"""Writing output folders: shards tensor by tensor, never buffering one, into staging folders.
 
-Every output shape and dtype is known before the first byte is computed, so the shard layout and
-each shard's header are fixed up front: a shard file is opened, its header written, and tensor
-bytes appended in order as the engine produces them. File names and the index follow
-transformers (`model-00001-of-00003.safetensors`, `model.safetensors.index.json`).
+The layout is decided by the plan (shards.py): a shard file is opened, its header written, and
+tensor bytes appended in order as the engine produces them. A folder is built beside its target
+and renamed into place only when complete and flushed to disk.
 """
 
 from __future__ import annotations
@@ -12,82 +11,29 @@ import json
 import os
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .sources import DTYPE_CODES, INDEX_FILE, SINGLE_FILE
-
-
-@dataclass(frozen=True)
-class OutTensor:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:
-    """Greedy split in write order; a tensor larger than the limit gets a shard of its own."""
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in tensors:
-        if shards[-1] and size + t.nbytes > max_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
-def shard_names(n: int) -> list[str]:
-    if n == 1:
-        return [SINGLE_FILE]
-    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-
-
-def encode_header(tensors: list[OutTensor]) -> bytes:
-    """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.name] = {
-            "dtype": DTYPE_CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-len(body) % 8)
-    return len(body).to_bytes(8, "little") + body
-
+from .modelfolder import INDEX_FILE
+from .shards import ShardLayout
 
 ShardDone = Callable[[Path, int, int], None]  # (shard path, size, crc32) once it is on disk
 
 
 class ShardedWriter:
-    """Streams one model's tensors, in plan order, into its shard files inside `folder`.
+    """Streams one model's tensors, in layout order, into its shard files inside `folder`.
 
     Shards listed in `done` (already on disk from an interrupted run, verified) are skipped:
     their tensors' bytes are accepted and dropped. `on_shard` hears of each finished shard
     with its CRC-32, computed while writing, for the resume journal.
     """
 
-    def __init__(self, folder: Path, tensors: list[OutTensor], max_shard_bytes: int,
-                 done: frozenset[int] = frozenset(), on_shard: ShardDone | None = None) -> None:
+    def __init__(self, folder: Path, layout: ShardLayout, done: frozenset[int] = frozenset(),
+                 on_shard: ShardDone | None = None) -> None:
         self.folder = folder
-        self.shards = plan_shards(tensors, max_shard_bytes)
-        self.names = shard_names(len(self.shards))
-        self.order = [t for shard in self.shards for t in shard]
-        self.shard_of = [i for i, shard in enumerate(self.shards) for _ in shard]
-        self.shard_by_name = {t.name: i for i, shard in enumerate(self.shards) for t in shard}
+        self.layout = layout
+        self.order = layout.tensors
         self.done = done
         self.on_shard = on_shard
         self._shard = -1
@@ -98,24 +44,20 @@ class ShardedWriter:
         self._next = 0  # index into self.order of the next tensor
         self._left = 0  # bytes still expected for the current one
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(t.nbytes for t in self.order)
-
     def begin_tensor(self, name: str) -> None:
         expected = self.order[self._next]
         if name != expected.name or self._left:
             raise RuntimeError(f"writer expected {expected.name}, got {name}")
-        shard = self.shard_of[self._next]
+        shard = self.layout.shard_of[name]
         if shard != self._shard:
             self._close_file()
             self._shard = shard
             self._skip = shard in self.done
             if not self._skip:
-                path = self.folder / self.names[shard]
+                path = self.folder / self.layout.names[shard]
                 self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - see _close_file
                 self._crc, self._size = 0, 0
-                self._put(memoryview(encode_header(self.shards[shard])))
+                self._put(memoryview(self.layout.header(shard)))
         self._left = expected.nbytes
         self._next += 1
 
@@ -148,19 +90,16 @@ class ShardedWriter:
             self._file.close()
             self._file = None
             if self.on_shard is not None:
-                self.on_shard(self.folder / self.names[self._shard], self._size, self._crc)
+                self.on_shard(self.folder / self.layout.names[self._shard], self._size,
+                              self._crc)
 
     def finish(self) -> None:
         if self._next != len(self.order) or self._left:
             raise RuntimeError("writer closed before every tensor was written")
         self._close_file()
-        if len(self.shards) > 1:
-            index = {
-                "metadata": {"total_size": self.total_bytes},
-                "weight_map": {t.name: self.names[i] for i, s in enumerate(self.shards) for t in s},
-            }
+        index = self.layout.index()
+        if index is not None:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
 
 
 def file_crc32(path: Path) -> int:

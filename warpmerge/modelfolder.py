@@ -1,10 +1,13 @@
-"""Finding and opening checkpoints: local folders (or Hub snapshots), read lazily.
+"""The safetensors model folder: the one module that knows what a model on disk is.
 
-Only safetensors headers are read up front; tensor bytes are read on demand with `pread` into
-buffers the caller owns, so no model, and no large tensor, is ever held whole. Headers are parsed
-here rather than by a library so that every offset, size and file name is checked before use:
-these files come from many places and must never make us read outside the model folder.
-Pickled checkpoints are refused, never loaded.
+Which files hold the weights (`model.safetensors`, or the shards an index names), what their
+headers say, which dtypes exist, which files travel with a model (config, tokenizer), and how to
+read a tensor's bytes. Headers are parsed here rather than by a library so that every offset,
+size and file name is checked before use: these files come from many places and must never make
+us read outside the model folder. Pickled checkpoints are refused, never loaded.
+
+Every reader of weights uses this module: the merge's inputs, the Hub download rules and the
+Gemma 2 loader.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,10 @@ DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "BOOL": torch.bool,
 }
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+# the dtypes a model is written or computed in, by the names configs and flags use
+FLOAT_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+}
 MAX_HEADER = 100 * 2**20
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -210,6 +218,41 @@ def parse_header(raw: bytes, size: int, path: Path, label: str) -> dict[str, Ten
     return tensors
 
 
+def parse_index(text: str, label: str) -> dict[str, str]:
+    """The weight map of a `model.safetensors.index.json`: tensor name -> shard file name."""
+    bad = InputError(f"{label}: {INDEX_FILE} is not a valid index")
+    try:
+        weight_map = json.loads(text)["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise bad from None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()):
+        raise bad
+    if not weight_map:
+        raise InputError(f"{label}: {INDEX_FILE} lists no tensors")
+    return weight_map
+
+
+def weight_files(names: Collection[str], weight_map: dict[str, str] | None, label: str,
+                 where: str) -> list[str]:
+    """The safetensors files that hold a model, given the names of the files in its folder.
+
+    The index's shards when there is an index; else `model.safetensors`; else the folder's one
+    and only `*.safetensors` file. Pickled weights are named as such: never loaded.
+    """
+    if weight_map is not None:
+        return list(dict.fromkeys(weight_map.values()))
+    if SINGLE_FILE in names:
+        return [SINGLE_FILE]
+    others = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
+    if len(others) == 1:
+        return others
+    if any(n in PICKLE_FILES or n.endswith(".bin") for n in names):
+        raise InputError(f"{label}: only pickled weights (.bin) in {where}; warpmerge "
+                         "never loads pickles: convert them to safetensors first")
+    raise InputError(f"{label}: no model.safetensors or {INDEX_FILE} in {where}")
+
+
 def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links: bool = False,
                     remote: dict[str, tuple[bytes, int]] | None = None) -> Checkpoint:
     """Open a model folder: `model.safetensors`, or the shards an index names.
@@ -220,36 +263,19 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links:
         raise InputError(f"{label}: folder not found: {ref or path}")
     if not path.is_dir():
         raise InputError(f"{label}: not a folder: {ref or path}")
-    index_path = path / INDEX_FILE
-    if index_path.exists():
-        _inside(path, INDEX_FILE, "index", label, trust_links)
-        bad_index = InputError(f"{label}: {INDEX_FILE} is not a valid index")
+    weight_map = None
+    if (path / INDEX_FILE).exists():
+        index_path = _inside(path, INDEX_FILE, "index", label, trust_links)
         try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError, RecursionError):
-            raise bad_index from None
-        if not isinstance(weight_map, dict) or not all(
-                isinstance(v, str) for v in weight_map.values()):
-            raise bad_index
-        if not weight_map:
-            raise InputError(f"{label}: {INDEX_FILE} lists no tensors")
-        shard_names = list(dict.fromkeys(weight_map.values()))
-    elif (path / SINGLE_FILE).exists() or (remote and SINGLE_FILE in remote):
-        weight_map, shard_names = None, [SINGLE_FILE]
-    else:
-        others = sorted(p.name for p in path.glob("*.safetensors"))
-        if len(others) == 1:
-            weight_map, shard_names = None, others
-        elif any((path / name).exists() for name in PICKLE_FILES) or list(path.glob("*.bin")):
-            raise InputError(f"{label}: only pickled weights (.bin) in {ref or path}; warpmerge "
-                             "never loads pickles: convert them to safetensors first")
-        else:
-            raise InputError(f"{label}: no model.safetensors or {INDEX_FILE} in {ref or path}")
+            text = index_path.read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            raise InputError(f"{label}: {INDEX_FILE} is not a valid index") from None
+        weight_map = parse_index(text, label)
+    names = {p.name for p in path.iterdir()} | set(remote or ())
+    shard_names = weight_files(names, weight_map, label, ref or str(path))
     tensors: dict[str, TensorInfo] = {}
     files: list[FileInfo] = []
     for shard in shard_names:
-        if not isinstance(shard, str):
-            raise InputError(f"{label}: {INDEX_FILE} is not a valid index")
         file_path = _inside(path, shard, INDEX_FILE, label, trust_links)
         if remote and shard in remote and not file_path.exists():
             raw, size = remote[shard]
@@ -292,87 +318,3 @@ def read_model_config(ckpt: Checkpoint) -> dict | None:
     return config
 
 
-def _local_path(ref: str, base_dir: Path) -> Path | None:
-    """The folder a ref names if it is local: it exists, or is path-like ('./x', '/x', '~/x'),
-    or its first folder exists here. None means: try it as a Hub repo id."""
-    local = Path(ref).expanduser()
-    local = local if local.is_absolute() else base_dir / local
-    first = ref.split("/", 1)[0]
-    if (local.exists() or ref.startswith((".", "/", "~")) or "\\" in ref
-            or (base_dir / first).is_dir()):
-        return local
-    return None
-
-
-def _hub_ref(ref: str, label: str) -> tuple[str, str | None]:
-    from . import hub
-
-    parsed = hub.parse_repo_ref(ref)
-    if parsed is None:
-        raise InputError(f"{label}: folder not found: {ref}")
-    return parsed
-
-
-def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
-    """The local folder of a model named by a path or a Hub repo id (downloaded if needed)."""
-    local = _local_path(ref, base_dir)
-    if local is not None:
-        return local
-    from . import hub
-
-    return hub.fetch_model(*_hub_ref(ref, ref), progress=progress).path
-
-
-def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
-           dry_run: bool = False) -> Checkpoint:
-    """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
-    local = _local_path(ref, base_dir)
-    if local is not None:
-        return open_checkpoint(local, label, ref)
-    from . import hub
-
-    model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
-    remote = None
-    if dry_run:  # weights not downloaded: read their headers over HTTP ranges
-        missing = [f for f in model.weight_files if not (model.path / f).exists()]
-        raw = hub.remote_header_bytes(model.repo_id, model.commit, missing) if missing else {}
-        remote = {name: (data, model.files[name]) for name, data in raw.items()}
-    ckpt = open_checkpoint(model.path, label, ref, trust_links=True, remote=remote)
-    ckpt.repo_id, ckpt.revision, ckpt.commit = model.repo_id, model.revision, model.commit
-    ckpt.download_bytes = model.download_bytes
-    return ckpt
-
-
-def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
-    """Byte equality of two tensors (true when a file is not downloaded: a Hub dry run)."""
-    if not (a.file.exists() and b.file.exists()):
-        return True
-    step = 1 << 22
-    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
-        for start in range(0, a.nbytes, step):
-            n = min(step, a.nbytes - start)
-            fa.seek(a.offset + start)
-            fb.seek(b.offset + start)
-            if fa.read(n) != fb.read(n):
-                return False
-    return True
-
-
-def check_compatible(init: Checkpoint, other: Checkpoint, names: list[str]) -> None:
-    """Same tensor names, shapes and kinds as the init; report the first mismatch."""
-    for name in names:
-        a, b = init.tensors[name], other.lookup(name)
-        if b is None:
-            raise InputError(f"{other.label}: missing tensor {name} (present in the init)")
-        if a.shape != b.shape:
-            raise InputError(f"{other.label}: tensor {name} has shape {list(b.shape)}, "
-                             f"the init has {list(a.shape)}")
-        if a.is_float != b.is_float or (not a.is_float and a.dtype != b.dtype):
-            raise InputError(f"{other.label}: tensor {name} has dtype {DTYPE_CODES[b.dtype]}, "
-                             f"the init has {DTYPE_CODES[a.dtype]}")
-        if not a.is_float and not _same_bytes(a, b):
-            raise InputError(f"{other.label}: non-float tensor {name} differs from the init's "
-                             "(integer and boolean tensors are copied, never merged)")
-    extra = [n for n in other.tensors if n not in init.tensors and n != HEAD_NAME]
-    if extra:
-        raise InputError(f"{other.label}: unexpected tensor {extra[0]} (absent from the init)")

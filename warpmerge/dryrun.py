@@ -1,0 +1,55 @@
+"""The dry-run text: what `print(plan)` shows, a rendering of the plan and nothing else.
+
+Inputs, what each checkpoint contributes, groups, bytes to read and write, disk space, output
+shards. Kept apart from the planning logic so that changing a line of text never touches a
+decision.
+"""
+
+from __future__ import annotations
+
+from .config import format_eta
+from .planner import Plan
+from .units import format_bytes
+
+
+def describe_plan(plan: Plan) -> str:
+    lines = ["Inputs:"]
+    for c in plan.inputs.all:
+        size = sum(f.size for f in c.files)
+        where = f"{c.repo_id}@{c.commit[:10]}" if c.repo_id and c.commit else str(c.path)
+        extra = (f", {format_bytes(c.download_bytes)} to download" if c.download_bytes
+                 else "")
+        lines.append(f"  {c.label}: {where} ({len(c.files)} file(s), "
+                     f"{format_bytes(size)}{extra})")
+    for name, coefs in zip(plan.run_names, plan.contributions, strict=True):
+        lines.append(f"  {name}: EMA weights {', '.join(f'{a:.6g}' for a in coefs)}")
+    g = plan.groups
+    lines.append(f"Groups ({plan.config.slerp.granularity}): {len(g)} — "
+                 + ", ".join(x.name for x in g[:4]) + (", ..." if len(g) > 4 else ""))
+    cached = sum(1 for x in g if plan.cacheable(x)) if plan.needs_gram else len(g)
+    lines.append(f"Read: {format_bytes(plan.read_bytes())} ({cached} of {len(g)} groups read "
+                 f"once)   Write: {format_bytes(plan.out_bytes)}")
+    lines += _space_lines(plan)
+    shards = len(plan.layout.shards)
+    for d, eta in zip(plan.output_dirs, plan.etas, strict=True):
+        lines.append(f"Output eta={format_eta(eta)}: {d} ({shards} shard(s))")
+    if plan.ema_root:
+        for n in plan.run_names:
+            lines.append(f"EMA of {n}: {plan.ema_root / n}")
+    return "\n".join(lines)
+
+
+def _space_lines(plan: Plan) -> list[str]:
+    """Disk space: downloads into the Hub cache, and the output."""
+    lines = []
+    download = sum(c.download_bytes for c in plan.inputs.all)
+    if download and plan.download_dir is not None:
+        free = plan.machine.free_at(plan.download_dir).free
+        short = f", {format_bytes(download - free)} MISSING" if download > free else ""
+        lines.append(f"Download: {format_bytes(download)} into {plan.download_dir} "
+                     f"({format_bytes(free)} free{short})")
+    for need in plan.disk_needs():
+        short = f", {format_bytes(need.missing)} MISSING" if need.missing else ""
+        lines.append(f"Disk at {need.where}: {format_bytes(need.free)} free for "
+                     f"{format_bytes(need.needed)} of output{short}")
+    return lines

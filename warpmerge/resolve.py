@@ -1,0 +1,178 @@
+"""Resolving a merge's inputs: every model named by the config found, opened and checked.
+
+All the I/O before planning happens here: local folders and globs, Hub downloads (or, in a dry
+run, remote headers), safetensors headers, the byte comparison of non-float tensors, the
+init's config.json, and the state of the output folders. What comes out (`Inputs`) is data the
+planner decides from without touching a disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import WarpConfig
+from .errors import ConfigError, InputError
+from .modelfolder import (
+    DTYPE_CODES,
+    HEAD_NAME,
+    Checkpoint,
+    TensorInfo,
+    open_checkpoint,
+    read_model_config,
+)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The opened models of one merge: headers and provenance, no tensor data."""
+
+    init: Checkpoint
+    runs: list[list[Checkpoint]]  # each run's checkpoints, oldest first
+    model_config: dict | None  # the init's config.json
+    license: str | None  # the init's license (its card's metadata), for the output's card
+
+    @property
+    def all(self) -> list[Checkpoint]:
+        return [self.init] + [c for run in self.runs for c in run]
+
+    def close(self) -> None:
+        for c in self.all:
+            c.close()
+
+
+def resolve_inputs(config: WarpConfig, out: Path | None = None, *, force: bool = False,
+                   progress: bool = True, dry_run: bool = False) -> Inputs:
+    """Open the init and every checkpoint, check each against the init, and check that the
+    output folders may be written. Raises before anything is written."""
+    root = config.output_root(out)  # a missing output.path is reported before any download
+    init = locate(config.init, config.base_dir, "init", progress, dry_run)
+    runs = [
+        [locate(ref, config.base_dir, f"{name} checkpoint {t + 1} ({Path(ref).name})",
+                progress, dry_run)
+         for t, ref in enumerate(config.checkpoint_refs(i))]
+        for i, name in enumerate(config.run_names)
+    ]
+    from .hub import read_license
+
+    inputs = Inputs(init, runs, read_model_config(init), read_license(init.path))
+    names = list(init.tensors)
+    for ckpt in inputs.all[1:]:
+        check_compatible(init, ckpt, names)
+    check_output_location(root, inputs.all, force)
+    if config.ema.save:
+        ema_root = config.resolve_path(config.ema.save).resolve()
+        check_output_location(ema_root, inputs.all, force)
+        if ema_root == root or ema_root.is_relative_to(root) or root.is_relative_to(ema_root):
+            raise ConfigError(f"ema.save ({ema_root}) overlaps output.path ({root})")
+    if config.check is not None:
+        _check_checkable(init, config)
+    return inputs
+
+
+def check_output_location(root: Path, inputs: list[Checkpoint], force: bool) -> None:
+    """An output folder must be new or empty (or --force), and apart from every input."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output path is an existing file: {root}")
+    if root.is_dir() and any(root.iterdir()) and not force:
+        raise ConfigError(f"output folder is not empty: {root} (use --force to replace it)")
+    for ckpt in inputs:
+        src = ckpt.path.resolve()
+        if root == src or root.is_relative_to(src) or src.is_relative_to(root):
+            raise ConfigError(f"output folder {root} overlaps the input {ckpt.label} ({src})")
+
+
+def _check_checkable(init: Checkpoint, config: WarpConfig) -> None:
+    """Fail before merging, not after, if the `check:` section cannot run on this model."""
+    from .gemma2 import Gemma2Config
+
+    Gemma2Config.from_folder(init.path)
+    if config.check.prompts and not (init.path / "tokenizer.json").is_file():
+        raise ConfigError("check.prompts needs a tokenizer.json in the init folder; "
+                          "remove the prompts to check on built-in token sequences")
+
+
+def _local_path(ref: str, base_dir: Path) -> Path | None:
+    """The folder a ref names if it is local: it exists, or is path-like ('./x', '/x', '~/x'),
+    or its first folder exists here. None means: try it as a Hub repo id."""
+    local = Path(ref).expanduser()
+    local = local if local.is_absolute() else base_dir / local
+    first = ref.split("/", 1)[0]
+    if (local.exists() or ref.startswith((".", "/", "~")) or "\\" in ref
+            or (base_dir / first).is_dir()):
+        return local
+    return None
+
+
+def _hub_ref(ref: str, label: str) -> tuple[str, str | None]:
+    from . import hub
+
+    parsed = hub.parse_repo_ref(ref)
+    if parsed is None:
+        raise InputError(f"{label}: folder not found: {ref}")
+    return parsed
+
+
+def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
+    """The local folder of a model named by a path or a Hub repo id (downloaded if needed)."""
+    local = _local_path(ref, base_dir)
+    if local is not None:
+        return local
+    from . import hub
+
+    return hub.fetch_model(*_hub_ref(ref, ref), progress=progress).path
+
+
+def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
+           dry_run: bool = False) -> Checkpoint:
+    """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
+    local = _local_path(ref, base_dir)
+    if local is not None:
+        return open_checkpoint(local, label, ref)
+    from . import hub
+
+    model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
+    remote = None
+    if dry_run:  # weights not downloaded: read their headers over HTTP ranges
+        missing = [f for f in model.weight_files if not (model.path / f).exists()]
+        raw = hub.remote_header_bytes(model.repo_id, model.commit, missing) if missing else {}
+        remote = {name: (data, model.files[name]) for name, data in raw.items()}
+    ckpt = open_checkpoint(model.path, label, ref, trust_links=True, remote=remote)
+    ckpt.repo_id, ckpt.revision, ckpt.commit = model.repo_id, model.revision, model.commit
+    ckpt.download_bytes = model.download_bytes
+    return ckpt
+
+
+def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
+    """Byte equality of two tensors (true when a file is not downloaded: a Hub dry run)."""
+    if not (a.file.exists() and b.file.exists()):
+        return True
+    step = 1 << 22
+    with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
+        for start in range(0, a.nbytes, step):
+            n = min(step, a.nbytes - start)
+            fa.seek(a.offset + start)
+            fb.seek(b.offset + start)
+            if fa.read(n) != fb.read(n):
+                return False
+    return True
+
+
+def check_compatible(init: Checkpoint, other: Checkpoint, names: list[str]) -> None:
+    """Same tensor names, shapes and kinds as the init; report the first mismatch."""
+    for name in names:
+        a, b = init.tensors[name], other.lookup(name)
+        if b is None:
+            raise InputError(f"{other.label}: missing tensor {name} (present in the init)")
+        if a.shape != b.shape:
+            raise InputError(f"{other.label}: tensor {name} has shape {list(b.shape)}, "
+                             f"the init has {list(a.shape)}")
+        if a.is_float != b.is_float or (not a.is_float and a.dtype != b.dtype):
+            raise InputError(f"{other.label}: tensor {name} has dtype {DTYPE_CODES[b.dtype]}, "
+                             f"the init has {DTYPE_CODES[a.dtype]}")
+        if not a.is_float and not _same_bytes(a, b):
+            raise InputError(f"{other.label}: non-float tensor {name} differs from the init's "
+                             "(integer and boolean tensors are copied, never merged)")
+    extra = [n for n in other.tensors if n not in init.tensors and n != HEAD_NAME]
+    if extra:
+        raise InputError(f"{other.label}: unexpected tensor {extra[0]} (absent from the init)")
