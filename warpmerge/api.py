@@ -14,6 +14,7 @@ from .config import WarpConfig, format_eta, load_config
 from .engine import RunResult, execute
 from .planner import Plan, plan_merge
 from .probes import probe_machine
+from .progress import Bars, Progress, silent
 from .resolve import resolve_inputs
 
 Echo = Callable[[str], None]
@@ -64,12 +65,16 @@ def run(
     allow_nonfinite: bool = False,
     resume: bool = False,
     echo: Echo = lambda line: None,
+    progress: Progress | None = None,
 ) -> RunResult:
     """Merge as the config says, then check and push when the config asks for it.
 
     Returns the output folders and the per-group SLERP coefficients. `echo` receives the
-    lines a user should see (warnings, check tables, pushed URLs).
+    lines a user should see (warnings, check tables, pushed URLs); `progress` how far each
+    pass got (default: bars on stderr unless `quiet`).
     """
+    if progress is None:
+        progress = silent if quiet else Bars()
     merge = plan(config, out=out, force=force, threads=threads, quiet=quiet, chunk=chunk,
                  max_memory=max_memory, allow_nonfinite=allow_nonfinite, dry_run=False)
     for warning in merge.warnings:
@@ -79,7 +84,7 @@ def run(
         def annotate(staged: list[Path], final: list[Path]) -> list[dict[str, Any]]:
             return _check_outputs(merge, staged, final, quiet, echo)
 
-    result = execute(merge, quiet=quiet, resume=resume, annotate=annotate)
+    result = execute(merge, progress=progress, resume=resume, annotate=annotate)
     if merge.config.output.push_to_hub is not None:
         _push_outputs(merge, result, quiet, echo)
     return result

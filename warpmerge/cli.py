@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="WARP merging of RL fine-tuned LLM checkpoints: EMA, SLERP of task vectors, LITI.",
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help, as click prints it: flags without a type column
 )
 
 
@@ -44,20 +45,21 @@ def _main(
 @app.command()
 def run(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The merge config (YAML).")],
-    out: Annotated[Path | None, typer.Option("--out", help="Output path (overrides output.path).")]
-    = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan only.")]
-    = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")]
-    = False,
-    threads: Annotated[int | None, typer.Option("--threads", min=1, help="Compute threads.")]
-    = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", metavar="PATH", help="Output path (overrides output.path).")] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate and print the plan only.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace a non-empty output folder.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, metavar="N", help="Compute threads (default: the cores).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     chunk_size: Annotated[int | None, typer.Option(
-        "--chunk-size", min=1, help="Elements per streamed chunk (rounded to 65536).")] = None,
+        "--chunk-size", min=1, metavar="N",
+        help="Elements per streamed chunk (rounded to 65536).")] = None,
     max_memory: Annotated[str | None, typer.Option(
-        "--max-memory", help="Memory budget, e.g. 4GB (default: a quarter of free RAM, "
-        "at most 2GiB).")] = None,
+        "--max-memory", metavar="SIZE",
+        help="Memory budget, e.g. 4GB (default: a quarter of free RAM, at most 2GiB).")] = None,
     allow_nonfinite: Annotated[bool, typer.Option(
         "--allow-nonfinite", help="Merge even if an input holds NaN or Inf.")] = False,
     resume: Annotated[bool, typer.Option(
@@ -69,6 +71,7 @@ def run(
     from .api import run as run_merge
     from .config import load_config
     from .errors import ConfigError
+    from .progress import Bars
     from .units import parse_size
 
     _imports_done()
@@ -87,9 +90,15 @@ def run(
         typer.echo(str(plan))
         typer.echo("Dry run: nothing written.")
         return
-    result = run_merge(cfg, out=out, force=force, threads=threads, quiet=quiet, chunk=chunk_size,
-                       max_memory=budget, allow_nonfinite=allow_nonfinite, resume=resume,
-                       echo=lambda line: typer.echo(line, err=True))
+    bars = Bars() if not quiet else None
+    try:
+        result = run_merge(cfg, out=out, force=force, threads=threads, quiet=quiet,
+                           chunk=chunk_size, max_memory=budget, allow_nonfinite=allow_nonfinite,
+                           resume=resume, progress=bars,
+                           echo=bars.echo if bars else lambda line: typer.echo(line, err=True))
+    finally:
+        if bars:
+            bars.close()
     for path in result.outputs + result.ema_outputs:
         typer.echo(str(path))
     if not quiet:
@@ -127,9 +136,10 @@ def push(
     folder: Annotated[Path, typer.Argument(metavar="FOLDER", help="A merged model folder.")],
     repo_id: Annotated[str, typer.Argument(metavar="REPO_ID", help="user/name on the Hub.")],
     private: Annotated[bool, typer.Option("--private", help="Create the repo private.")] = False,
-    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to.")]
-    = None,
-    message: Annotated[str | None, typer.Option("--message", help="Commit message.")] = None,
+    revision: Annotated[str | None, typer.Option(
+        "--revision", metavar="BRANCH", help="Branch to push to.")] = None,
+    message: Annotated[str | None, typer.Option(
+        "--message", metavar="TEXT", help="Commit message.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Upload FOLDER to the Hub in one commit; stale shards in the repo are deleted."""

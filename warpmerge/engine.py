@@ -31,6 +31,7 @@ from .metadata import build_provenance, write_model_files, write_provenance
 from .ops import ChainStep, chain_coefficients
 from .planner import Group, Plan
 from .probes import probe_machine
+from .progress import Counter, Progress, silent
 from .stream import Streamer, chunks
 from .units import format_bytes
 from .writer import ShardedWriter, Staging
@@ -103,10 +104,10 @@ class _Outputs:
 
 @dataclass
 class _Bars:
-    """One progress bar per pass: bytes read for the Gram matrices, bytes written."""
+    """A progress count per pass: bytes read for the Gram matrices, bytes written."""
 
-    gram: Any
-    write: Any
+    gram: Counter
+    write: Counter
 
 
 def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
@@ -152,17 +153,10 @@ def _chunk_bytes(plan: Plan, c: Any) -> int:
     return c.count * sum(ck.lookup(c.info.name).dtype.itemsize for ck in plan.read_inputs)
 
 
-def _progress(plan: Plan, quiet: bool) -> _Bars:
-    from tqdm import tqdm
-
-    def bar(desc: str, total: int, position: int) -> Any:
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                    disable=quiet or not total, dynamic_ncols=True, leave=False,
-                    position=position)
-
+def _counters(plan: Plan, progress: Progress) -> _Bars:
     gram_bytes = sum(plan.float_read_bytes(g) for g in plan.groups) if plan.needs_gram else 0
-    return _Bars(bar("pass 1: angles (read)", gram_bytes, 0),
-                 bar("pass 2: models (written)", plan.out_bytes, 1 if gram_bytes else 0))
+    return _Bars(Counter(progress, "pass 1: angles (read)", gram_bytes, "B"),
+                 Counter(progress, "pass 2: models (written)", plan.out_bytes, "B"))
 
 
 def _check_free_space(plan: Plan) -> None:
@@ -181,7 +175,7 @@ def _check_free_space(plan: Plan) -> None:
 Annotate = Callable[[list[Path], list[Path]], list[dict[str, Any]]]
 
 
-def execute(plan: Plan, *, quiet: bool = False, resume: bool = False,
+def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
             annotate: Annotate | None = None) -> RunResult:
     """Stream the merge into staging folders and rename them into place when complete.
 
@@ -207,23 +201,19 @@ def execute(plan: Plan, *, quiet: bool = False, resume: bool = False,
         outs = _Outputs(plan, roots, journal, verified)
         for c in plan.inputs.all:
             c.open_files()
-        bars = _progress(plan, quiet)
+        bars = _counters(plan, progress)
         out_bytes = {t.name: t.nbytes for t in plan.layout.tensors}
-        try:
-            for index, group in enumerate(plan.groups):
-                done = journal.groups.get(index)
-                if done is not None and outs.finished(group):
-                    for info in group.tensors:
-                        for w in outs.writers:
-                            w.skip_tensor(info.name)
-                            bars.write.update(out_bytes[info.name])
-                    results.append(GroupResult.from_dict(done))
-                    continue
-                results.append(_merge_group(plan, streamer, group, outs, bars))
-                journal.group_done(index, results[-1].to_dict(plan.run_names))
-        finally:
-            bars.gram.close()
-            bars.write.close()
+        for index, group in enumerate(plan.groups):
+            done = journal.groups.get(index)
+            if done is not None and outs.finished(group):
+                for info in group.tensors:
+                    for w in outs.writers:
+                        w.skip_tensor(info.name)
+                        bars.write.update(out_bytes[info.name])
+                results.append(GroupResult.from_dict(done))
+                continue
+            results.append(_merge_group(plan, streamer, group, outs, bars))
+            journal.group_done(index, results[-1].to_dict(plan.run_names))
         for w in outs.writers:
             w.finish()
         for d in outs.eta_dirs + outs.ema_dirs:
