@@ -29,7 +29,6 @@ from pydantic_core import PydanticCustomError
 from .errors import ConfigError
 from .units import parse_size
 
-DTYPES = ("bfloat16", "float16", "float32")
 GLOB_CHARS = re.compile(r"[*?\[]")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def natural_key(text: str) -> list[Any]:
@@ -64,8 +63,8 @@ class _Strict(BaseModel):
         return data
 
 
-class Policy(_Strict):
-    """One RL run: its checkpoints, oldest first, and its SLERP weight."""
+class Run(_Strict):
+    """One RL run (a `policies` entry): its checkpoints, oldest first, and its SLERP weight."""
 
     name: str | None = None
     checkpoints: list[str] | str
@@ -166,7 +165,7 @@ class WarpConfig(_Strict):
     """
 
     init: str
-    policies: list[Policy] = Field(min_length=1)
+    runs: list[Run] = Field(alias="policies", min_length=1)  # the paper's "policies"
     ema: Ema = Field(default_factory=Ema)
     slerp: Slerp = Field(default_factory=Slerp)
     liti: Liti = Field(default_factory=Liti)
@@ -183,11 +182,11 @@ class WarpConfig(_Strict):
                 raise PydanticCustomError(
                     "duplicate_run", "duplicate run name '{name}'", {"name": name}
                 )
-        if self.slerp.lam is not None and len(self.policies) != 2:
+        if self.slerp.lam is not None and len(self.runs) != 2:
             raise PydanticCustomError(
                 "lambda_runs",
                 "slerp.lambda needs exactly 2 runs (got {n}); use per-run weights instead",
-                {"n": len(self.policies)},
+                {"n": len(self.runs)},
             )
         return self
 
@@ -201,7 +200,7 @@ class WarpConfig(_Strict):
 
     @property
     def run_names(self) -> list[str]:
-        return [p.name or f"run-{i + 1}" for i, p in enumerate(self.policies)]
+        return [p.name or f"run-{i + 1}" for i, p in enumerate(self.runs)]
 
     def resolve_path(self, ref: str) -> Path:
         path = Path(ref).expanduser()
@@ -209,7 +208,7 @@ class WarpConfig(_Strict):
 
     def checkpoint_refs(self, index: int) -> list[str]:
         """The checkpoints of run `index`, with a glob expanded and naturally sorted."""
-        spec = self.policies[index].checkpoints
+        spec = self.runs[index].checkpoints
         refs = [spec] if isinstance(spec, str) else list(spec)
         out: list[str] = []
         for ref in refs:

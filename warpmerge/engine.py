@@ -124,7 +124,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
         total = {p: math.fsum(x for sums in partials for x in sums[k])
                  for k, p in enumerate(pairs)}
         gram = [[total[(min(i, j), max(i, j))] for j in range(M)] for i in range(M)]
-        weights = [p.weight for p in plan.config.policies]
+        weights = [p.weight for p in plan.config.runs]
         s.coefs, steps = chain_coefficients(gram, weights, plan.config.slerp.lam, total[(M, M)])
     else:
         s.begin_group(group, cache=False)

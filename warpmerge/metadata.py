@@ -40,7 +40,7 @@ def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]
         "inputs": inputs,
         "runs": [
             {"name": n, "weight": p.weight, "checkpoints": len(r), "ema_coefficients": a}
-            for n, p, r, a in zip(plan.run_names, plan.config.policies, plan.runs,
+            for n, p, r, a in zip(plan.run_names, plan.config.runs, plan.runs,
                                   plan.contributions, strict=True)
         ],
         "groups": groups,
