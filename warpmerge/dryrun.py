@@ -7,9 +7,13 @@ decision.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .config import format_eta
-from .planner import Plan
 from .units import format_bytes
+
+if TYPE_CHECKING:  # the plan renders itself through this module (Plan.__str__)
+    from .planner import Plan
 
 
 def describe_plan(plan: Plan) -> str:
