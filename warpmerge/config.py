@@ -30,6 +30,7 @@ from .errors import ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")
 GLOB_CHARS = re.compile(r"[*?\[]")
+HF_PREFIX = "hf://"  # huggingface_hub's file-system paths
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SIZE_UNITS = {
     "": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -89,11 +90,34 @@ class _Strict(BaseModel):
         return data
 
 
+class HubHistory(_Strict):
+    """A run pushed as one commit per save (TRL `hub_strategy="every_save"`): every commit of
+    `revision` whose title matches `match` (a glob), oldest first, weights at the repo root."""
+
+    hub_history: str
+    match: str = "*"
+    revision: str | None = None
+
+    @field_validator("hub_history")
+    @classmethod
+    def _repo_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise ValueError("hub_history must be a repo id like 'org/name'")
+        return v
+
+
+CheckpointSpec = str | HubHistory  # one entry of `checkpoints`, before any listing
+
+
 class Policy(_Strict):
-    """One RL run: its checkpoints, oldest first, and its SLERP weight."""
+    """One RL run: its checkpoints, oldest first, and its SLERP weight.
+
+    `checkpoints` is a folder, a glob over folders, an `hf://org/name[@rev]/path` (may end in a
+    glob over the repo's folders), a list of those, or a `hub_history` mapping.
+    """
 
     name: str | None = None
-    checkpoints: list[str] | str
+    checkpoints: list[str] | str | HubHistory
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
     @field_validator("name")
@@ -103,9 +127,21 @@ class Policy(_Strict):
             raise ValueError("run names may use letters, digits, '.', '_' and '-' only")
         return v
 
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _hub_history(cls, v: Any) -> Any:
+        """A mapping is a `hub_history`: validated here so its errors name its own keys."""
+        if not isinstance(v, dict):
+            return v
+        try:
+            return HubHistory.model_validate(v)
+        except ValidationError as exc:
+            text = describe_validation_error(exc, "hub_history")
+            raise ValueError(text.replace("hub_history: hub_history:", "hub_history:")) from None
+
     @field_validator("checkpoints")
     @classmethod
-    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
+    def _non_empty(cls, v: list[str] | str | HubHistory) -> list[str] | str | HubHistory:
         if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
             raise ValueError("a run needs at least one checkpoint")
         return v
@@ -115,10 +151,18 @@ class Ema(_Strict):
     """Stage 1: the EMA of each run's checkpoints."""
 
     mu: float = Field(default=0.01, gt=0, le=1, allow_inf_nan=False)
-    every: int = Field(default=1, ge=1)
+    every: int | Literal["auto"] = 1  # optimizer steps between checkpoints; auto: real steps
     start: Literal["init", "first"] = "init"
     use: Literal["ema", "last"] = "ema"
     save: str | None = None
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, v: Any) -> Any:
+        if v == "auto" or (type(v) is int and v >= 1):
+            return v
+        raise ValueError("every must be a number of optimizer steps (1 or more) or 'auto' "
+                         "(each checkpoint's real step)")
 
 
 class Slerp(_Strict):
@@ -232,13 +276,17 @@ class WarpConfig(_Strict):
         path = Path(ref).expanduser()
         return path if path.is_absolute() else self._base_dir / path
 
-    def checkpoint_refs(self, index: int) -> list[str]:
-        """The checkpoints of run `index`, with a glob expanded and naturally sorted."""
+    def checkpoint_refs(self, index: int) -> list[CheckpointSpec]:
+        """The checkpoints of run `index`: local globs expanded and naturally sorted.
+
+        Hub entries (`hf://...`, `hub_history`) come back as written: listing a repo is I/O,
+        done by `warpmerge.hub.expand_checkpoints`.
+        """
         spec = self.policies[index].checkpoints
-        refs = [spec] if isinstance(spec, str) else list(spec)
-        out: list[str] = []
+        refs = [spec] if isinstance(spec, str | HubHistory) else list(spec)
+        out: list[CheckpointSpec] = []
         for ref in refs:
-            if GLOB_CHARS.search(ref):
+            if isinstance(ref, str) and GLOB_CHARS.search(ref) and not ref.startswith(HF_PREFIX):
                 pattern = str(self.resolve_path(ref))
                 found = (m for m in glob.glob(pattern) if Path(m).is_dir())
                 matches = sorted(found, key=natural_key)
