@@ -15,6 +15,7 @@ import torch
 
 from .config import WarpConfig, format_eta
 from .errors import ConfigError
+from .hub import checkpoint_name, expand_checkpoints
 from .ops import ema_coefficients
 from .sources import (
     HEAD_NAME,
@@ -24,6 +25,7 @@ from .sources import (
     locate,
     read_model_config,
 )
+from .steps import run_steps
 from .writer import OutTensor, ShardedWriter
 
 BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
@@ -79,6 +81,8 @@ class Plan:
     allow_nonfinite: bool = False
     warnings: list[str] = field(default_factory=list)
     model_config: dict | None = None  # the init's config.json, copied with dtype updated
+    steps: list[list[int]] = field(default_factory=list)  # each checkpoint's step, as the EMA
+    # counts it (its real step with `every: auto`, else t·every)
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -186,13 +190,15 @@ def plan_merge(config: WarpConfig, out: Path | None = None, *, force: bool = Fal
     run_names = config.run_names
     init = locate(config.init, config.base_dir, "init", progress, dry_run)
     runs: list[list[Checkpoint]] = []
+    steps: list[list[int]] = []
     for i, name in enumerate(run_names):
-        refs = config.checkpoint_refs(i)
+        refs = expand_checkpoints(config.checkpoint_refs(i))
         runs.append([
-            locate(ref, config.base_dir, f"{name} checkpoint {t + 1} ({Path(ref).name})",
+            locate(ref, config.base_dir, f"{name} checkpoint {t + 1} ({checkpoint_name(ref)})",
                    progress, dry_run)
             for t, ref in enumerate(refs)
         ])
+        steps.append(run_steps(runs[-1], refs, config.ema.every))
     model_config = read_model_config(init)
     names = list(init.tensors)
     inputs = [init] + [c for run in runs for c in run]
@@ -219,8 +225,9 @@ def plan_merge(config: WarpConfig, out: Path | None = None, *, force: bool = Fal
     ema = config.ema
     return Plan(
         config=config, init=init, runs=runs, run_names=run_names,
-        ema_coefs=[ema_coefficients(len(r), ema.mu, ema.every, ema.start, ema.use) for r in runs],
-        save_coefs=[ema_coefficients(len(r), ema.mu, ema.every, ema.start) for r in runs],
+        ema_coefs=[ema_coefficients(len(s), ema.mu, 1, ema.start, ema.use, s) for s in steps],
+        save_coefs=[ema_coefficients(len(s), ema.mu, 1, ema.start, steps=s) for s in steps],
+        steps=steps,
         groups=groups, out_tensors=out_tensors, output_root=root,
         output_dirs=config.output_dirs(out), etas=list(config.liti.eta), ema_root=ema_root,
         chunk=chunk, max_memory=max_memory or default_max_memory(),
@@ -256,8 +263,11 @@ def describe_plan(plan: Plan) -> str:
         where = f"{c.repo_id}@{c.commit[:10]}" if c.repo_id and c.commit else str(c.path)
         extra = f", {human(c.download_bytes)} to download" if c.download_bytes else ""
         lines.append(f"  {c.label}: {where} ({len(c.files)} file(s), {human(size)}{extra})")
-    for name, coefs in zip(plan.run_names, plan.ema_coefs, strict=True):
+    for name, run, coefs, steps in zip(plan.run_names, plan.runs, plan.ema_coefs, plan.steps,
+                                       strict=True):
         lines.append(f"  {name}: EMA weights {', '.join(f'{a:.6g}' for a in coefs)}")
+        lines += [f"    {c.label}: step {s}, EMA weight {a:.6g}"
+                  for c, s, a in zip(run, steps, coefs, strict=True)]
     g = plan.groups
     lines.append(f"Groups ({plan.config.slerp.granularity}): {len(g)} — "
                  + ", ".join(x.name for x in g[:4]) + (", ..." if len(g) > 4 else ""))

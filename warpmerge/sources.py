@@ -16,10 +16,14 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from . import hub
 
 # safetensors dtype code -> torch dtype. Floats are merged; the rest are copied from the init.
 DTYPES: dict[str, torch.dtype] = {
@@ -315,29 +319,36 @@ def _hub_ref(ref: str, label: str) -> tuple[str, str | None]:
 
 def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
     """The local folder of a model named by a path or a Hub repo id (downloaded if needed)."""
+    from . import hub
+
+    if ref.startswith(hub.HF_PREFIX):
+        return hub.fetch_checkpoint(hub.hub_model(ref), model_files=True, progress=progress).path
     local = _local_path(ref, base_dir)
     if local is not None:
         return local
-    from . import hub
-
     return hub.fetch_model(*_hub_ref(ref, ref), progress=progress).path
 
 
-def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
+def locate(ref: str | hub.HubCheckpoint, base_dir: Path, label: str, progress: bool = True,
            dry_run: bool = False) -> Checkpoint:
-    """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
-    local = _local_path(ref, base_dir)
-    if local is not None:
-        return open_checkpoint(local, label, ref)
+    """Open a model named by a local path, a Hub repo id or `hf://` path, or a resolved Hub
+    checkpoint; a local folder of a repo id's name wins."""
     from . import hub
 
-    model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
-    remote = None
-    if dry_run:  # weights not downloaded: read their headers over HTTP ranges
-        missing = [f for f in model.weight_files if not (model.path / f).exists()]
-        raw = hub.remote_header_bytes(model.repo_id, model.commit, missing) if missing else {}
-        remote = {name: (data, model.files[name]) for name, data in raw.items()}
-    ckpt = open_checkpoint(model.path, label, ref, trust_links=True, remote=remote)
+    if isinstance(ref, str) and ref.startswith(hub.HF_PREFIX):
+        ref = hub.hub_model(ref)
+    if isinstance(ref, hub.HubCheckpoint):
+        model = hub.fetch_checkpoint(ref, model_files=label == "init", progress=progress,
+                                     dry_run=dry_run)
+        shown = ref.ref
+    else:
+        local = _local_path(ref, base_dir)
+        if local is not None:
+            return open_checkpoint(local, label, ref)
+        model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
+        shown = ref
+    remote = hub.remote_weight_headers(model) if dry_run else None
+    ckpt = open_checkpoint(model.path, label, shown, trust_links=True, remote=remote)
     ckpt.repo_id, ckpt.revision, ckpt.commit = model.repo_id, model.revision, model.commit
     ckpt.download_bytes = model.download_bytes
     return ckpt
