@@ -628,3 +628,136 @@ def test_cli_check_accepts_repo_ids(
     assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
     assert other["kl"] > 0
     assert not hub.requested_files("acme/init") & set(DECOYS)
+
+
+# --- checkpoints as trainers push them (hf:// folders, commit histories) ---------------------
+
+TRAINER_FILES = {
+    "optimizer.pt": b"\x80\x04decoy optimizer state" * 64,
+    "scheduler.pt": b"\x80\x04decoy scheduler",
+    "rng_state.pth": b"\x80\x04decoy rng",
+    "rng_state_1.pth": b"\x80\x04decoy rng of rank 1",
+    "training_args.bin": b"\x80\x04decoy args",
+}
+STEPS_B = (100, 200, 400)  # all_checkpoints, uneven (a resumed run)
+STEPS_C = (50, 150, 200)  # every_save
+
+
+def trainer_folder(folder: Path, tensors: dict, step: int | None) -> Path:
+    """A checkpoint as transformers' Trainer saves it: weights, config, trainer state, and the
+    trainer files a merge must never touch."""
+    write_model(folder, tensors)
+    if step is not None:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step,
+                                                               "log_history": []}))
+    for name, data in TRAINER_FILES.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def trl_runs(tmp_path: Path) -> dict[str, Path]:
+    """An init and two runs as local folders: run b with trainer_state.json, run c without
+    (TRL's every_save pushes none; its steps come from the commit titles)."""
+    init = random_model(40)
+    out = {"init": write_model(tmp_path / "local" / "init", init)}
+    for run, steps, state in (("b", STEPS_B, True), ("c", STEPS_C, False)):
+        cur = init
+        for step in steps:
+            cur = perturb(cur, 1000 * ord(run) + step, scale=0.02)
+            out[f"{run}{step}"] = trainer_folder(
+                tmp_path / "local" / run / f"checkpoint-{step}", cur, step if state else None)
+    return out
+
+
+def folder_files(folder: Path, prefix: str = "") -> dict[str, bytes]:
+    return {prefix + p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def publish_trl(hub: FakeHub, f: dict[str, Path]) -> dict[str, str]:
+    """acme/init; acme/grpo-b as `all_checkpoints` leaves it (one commit per save adding
+    checkpoint-N/ and the weights at the root); acme/grpo-c as `every_save` leaves it (one
+    "Training in progress, step N" commit per save, weights at the root)."""
+    commits = {"init": publish(hub, "acme/init", f["init"])}
+    hub.create_repo("acme/grpo-b")
+    for step in STEPS_B:
+        root = {k: v for k, v in folder_files(f[f"b{step}"]).items() if k != "trainer_state.json"}
+        commits[f"b{step}"] = hub.commit(
+            "acme/grpo-b", {**root, **AUX, **folder_files(f[f"b{step}"], f"checkpoint-{step}/")},
+            message=f"Training in progress, step {step}")
+    logs = {"runs/events.out": b"tensorboard", "notes/checkpoint-1.txt": b"x",
+            "last-checkpoint/optimizer.pt": b"\x80\x04decoy"}
+    commits["b-main"] = hub.commit("acme/grpo-b", logs, message="logs")
+    hub.create_repo("acme/grpo-c")
+    for step in STEPS_C:
+        files = {k: v for k, v in folder_files(f[f"c{step}"]).items()}
+        commits[f"c{step}"] = hub.commit("acme/grpo-c", {**files, **AUX},
+                                         message=f"Training in progress, step {step}")
+        hub.commit("acme/grpo-c", {"README.md": b"# card"}, message="Upload model card")
+    return commits
+
+
+def trl_config(path: Path, init: str, b: object, c: object, out: Path, every: object = "auto",
+               ) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "init": init,
+        "policies": [{"name": "run-b", "checkpoints": b}, {"name": "run-c", "checkpoints": c}],
+        "ema": {"mu": 0.01, "every": every},
+        "liti": {"eta": 0.5},
+        "output": {"path": str(out)},
+    }))
+    return path
+
+
+HISTORY_C = {"hub_history": "acme/grpo-c", "match": "Training in progress*", "revision": "main"}
+
+
+def test_trl_hub_runs_merge_bit_identical_to_local_folders(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warpmerge
+
+    f = trl_runs
+    commits = publish_trl(hub, f)
+    hub.page_size = 2  # the history comes in several pages
+    local_cfg = trl_config(tmp_path / "local.yaml", str(f["init"]),
+                           str(tmp_path / "local" / "b" / "checkpoint-*"),
+                           [str(f[f"c{s}"]) for s in STEPS_C], tmp_path / "out-local")
+    hub_cfg = trl_config(tmp_path / "hub.yaml", "hf://acme/init@main",
+                         "hf://acme/grpo-b@main/checkpoint-*", HISTORY_C, tmp_path / "out-hub")
+    local_result = warpmerge.run(local_cfg)
+    hub.clear_log()
+    hub_out = warpmerge.run(hub_cfg).outputs[0]
+
+    weights = tree_bytes(local_result.outputs[0], "model*")
+    assert weights and tree_bytes(hub_out, "model*") == weights  # bit for bit
+
+    prov = json.loads((hub_out / "warpmerge.json").read_text())
+    runs = [i for i in prov["inputs"] if i["role"] != "init"]
+    expected = [("acme/grpo-b", commits["b-main"], f"checkpoint-{s}") for s in STEPS_B] + \
+        [("acme/grpo-c", commits[f"c{s}"], "") for s in STEPS_C]
+    assert [(i["repo_id"], i["commit"]) for i in runs] == [e[:2] for e in expected]
+    assert [i["ref"] for i in runs] == [
+        f"hf://{r}@{c}" + (f"/{p}" if p else "") for r, c, p in expected]
+
+    # only the matched folders' weights, config and trainer state; never a trainer file
+    allowed_b = {f"checkpoint-{s}/{n}" for s in STEPS_B
+                 for n in ("model.safetensors", "config.json", "trainer_state.json")}
+    assert hub.requested_files("acme/grpo-b") == allowed_b
+    assert hub.requested_files("acme/grpo-c") == {"model.safetensors", "config.json"}
+    everything = {r.path for r in hub.requests}
+    assert not any(name in p for p in everything for name in TRAINER_FILES)
+    assert not any(x in p for p in everything for x in ("runs/", "last-checkpoint",
+                                                        "notes/"))
+
+    # a warm cache reruns offline: listings and histories included
+    set_offline(monkeypatch, True)
+    hub.clear_log()
+    again = warpmerge.run(trl_config(tmp_path / "hub2.yaml", "hf://acme/init@main",
+                                     "hf://acme/grpo-b@main/checkpoint-*", HISTORY_C,
+                                     tmp_path / "out-offline")).outputs[0]
+    assert hub.requests == []
+    assert tree_bytes(again, "model*") == weights
