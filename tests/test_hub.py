@@ -761,3 +761,88 @@ def test_trl_hub_runs_merge_bit_identical_to_local_folders(
                                      tmp_path / "out-offline")).outputs[0]
     assert hub.requests == []
     assert tree_bytes(again, "model*") == weights
+
+
+def test_cli_dry_run_shows_each_checkpoints_step_and_ema_weight(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    publish_trl(hub, trl_runs)
+    cfg = trl_config(tmp_path / "hub.yaml", "hf://acme/init", "hf://acme/grpo-b/checkpoint-*",
+                     HISTORY_C, tmp_path / "out")
+    hub.clear_log()
+    code, out, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    keep = 0.99  # 1 − μ; a_t = (1 − keep^(s_t − s_{t−1}))·keep^(s_T − s_t)
+    for run, steps in (("run-b", STEPS_B), ("run-c", STEPS_C)):
+        for t, step in enumerate(steps):
+            gap = step - (steps[t - 1] if t else 0)
+            weight = (1 - keep ** gap) * keep ** (steps[-1] - step)
+            line = next(ln for ln in out.splitlines() if f"{run} checkpoint {t + 1} " in ln
+                        and ": step" in ln)
+            assert line.endswith(f": step {step}, EMA weight {weight:.6g}"), line
+    assert "(checkpoint-200): step 200" in out
+    assert "(Training in progress, step 150 @ " in out
+    for repo in ("acme/grpo-b", "acme/grpo-c"):  # headers by range, no weights, no trainer file
+        assert all(r.range for r in hub.file_requests(repo)
+                   if r.method == "GET" and r.path.endswith(".safetensors"))
+        assert not any(n.rsplit("/", 1)[-1] in TRAINER_FILES for n in hub.requested_files(repo))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("b", "c", "code", "expected"), [
+    ("hf://acme/grpo-b/checkpoint-*", dict(HISTORY_C, match="Epoch*"), 2,
+     "no commit title matches 'Epoch*'"),
+    ("hf://acme/nope/checkpoint-*", HISTORY_C, 3, "acme/nope: repository not found"),
+    ("hf://acme/grpo-b/step-*", HISTORY_C, 2, "hf://acme/grpo-b/step-*: matches no folder"),
+    ("hf://acme/grpo-b/checkpoint-7", HISTORY_C, 2, "is not a folder with files"),
+    (["hf://acme/grpo-b/checkpoint-200", "hf://acme/grpo-b/checkpoint-100"], HISTORY_C, 2,
+     "run-b checkpoint 2 (checkpoint-100): step 100 does not follow step 200"),
+    ("hf://acme/grpo-b/checkpoint-*", dict(HISTORY_C, revision="nope"), 3,
+     "revision 'nope' not found"),
+    ("hf://acme/grpo-b@v9/checkpoint-*", HISTORY_C, 3, "revision 'v9' not found"),
+    ("hf://acme/grpo-b@main/../x", HISTORY_C, 2, "not a Hub path"),
+])
+def test_cli_bad_hub_checkpoint_specs_are_one_line(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys, b: object, c: object, code: int, expected: str
+) -> None:
+    publish_trl(hub, trl_runs)
+    cfg = trl_config(tmp_path / "hub.yaml", str(trl_runs["init"]), b, c, tmp_path / "out")
+    got, out, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
+    assert got == code, err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_step_and_cold_listing(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import shutil
+
+    publish_trl(hub, trl_runs)
+    final = tmp_path / "local" / "final"  # no trainer_state.json, no number in its name
+    shutil.copytree(trl_runs["c50"], final)
+    cfg = trl_config(tmp_path / "a.yaml", str(trl_runs["init"]), [str(trl_runs["b100"]),
+                     str(final)], HISTORY_C, tmp_path / "out")
+    code, _, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "run-b checkpoint 2 (final): no step for ema.every: auto" in err
+    cfg = trl_config(tmp_path / "b.yaml", str(trl_runs["init"]), [str(trl_runs["b100"]),
+                     str(final)], HISTORY_C, tmp_path / "out", every=10)
+    code, out, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
+    assert code == 0, err  # a constant `every` needs no steps
+    assert "(final): step 20, EMA weight" in out
+
+    set_offline(monkeypatch, True)  # listed by the dry run, but no weights downloaded
+    cfg = trl_config(tmp_path / "c.yaml", str(trl_runs["init"]), str(trl_runs["b100"]),
+                     HISTORY_C, tmp_path / "out")
+    code, _, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert f"acme/grpo-c@{hub.history('acme/grpo-c')[-2].sha} lacks files of the root" in err
+    cfg = trl_config(tmp_path / "d.yaml", str(trl_runs["init"]), str(trl_runs["b100"]),
+                     dict(HISTORY_C, hub_history="acme/grpo-b"), tmp_path / "out")
+    code, _, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1  # never listed: nothing to rerun
+    assert "acme/grpo-b@main was never listed online" in err and "HF_HUB_OFFLINE" in err

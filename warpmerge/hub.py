@@ -483,8 +483,11 @@ def _tree(repo_id: str, revision: str | None, folder: str) -> tuple[str, dict[st
 
     def ask(api: Any) -> dict:
         commit = api.model_info(repo_id, revision=revision).sha
-        entries = api.list_repo_tree(repo_id, path_in_repo=folder or None, revision=commit,
-                                     recursive=True)
+        try:
+            entries = list(api.list_repo_tree(repo_id, path_in_repo=folder or None,
+                                              revision=commit, recursive=True))
+        except _errors("RemoteEntryNotFoundError", "EntryNotFoundError"):
+            entries = []  # no such folder: the caller names the path
         files = {e.path: int(getattr(e, "size", 0) or 0) for e in entries
                  if type(e).__name__ == "RepoFile"}
         return {"commit": commit, "files": files}
