@@ -47,7 +47,8 @@ def ema_coefficients(
     if n_checkpoints == 1 or use == "last":
         return [0.0] * (n_checkpoints - 1) + [1.0]
     T = n_checkpoints
-    gaps = [every] * T if steps is None else step_gaps(steps)
+    steps = [t * every for t in range(1, T + 1)] if steps is None else list(steps)
+    gaps = step_gaps(steps)
     counted = gaps[1:] if start == "first" else gaps  # `first`: the EMA starts at s_1
     if len(set(counted)) == 1:
         mu_e = effective_mu(mu, counted[0])
@@ -55,12 +56,11 @@ def ema_coefficients(
         if start == "first":
             coefs[0] = (1.0 - mu_e) ** (T - 1)
         return coefs
-    mu_es = [effective_mu(mu, g) for g in gaps]
-    coefs = [0.0] * T
-    keep = 1.0  # Π_{k>t}(1 − μe_k), built from the newest checkpoint back
-    for t in range(T - 1, -1, -1):
-        coefs[t] = (keep if t == 0 and start == "first" else mu_es[t] * keep)
-        keep *= 1.0 - mu_es[t]
+    # Π_{k>t}(1 − μe_k) = (1 − μ)^(s_T − s_t): one power, no 1 − (1 − x) cancellation
+    kept = [(1.0 - mu) ** (steps[-1] - s) for s in steps]
+    coefs = [effective_mu(mu, g) * k for g, k in zip(gaps, kept, strict=True)]
+    if start == "first":
+        coefs[0] = kept[0]
     return coefs
 
 
