@@ -11,7 +11,10 @@ import json
 import os
 import re
 import struct
+import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -643,6 +646,27 @@ STEPS_B = (100, 200, 400)  # all_checkpoints, uneven (a resumed run)
 STEPS_C = (50, 150, 200)  # every_save
 
 
+_OPENED: list[list[str]] = []  # the lists the audit hook appends to (hooks cannot be removed)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED and isinstance(args[0], str | bytes | os.PathLike):
+        _OPENED[-1].append(os.fsdecode(args[0]))
+
+
+@contextmanager
+def opened_files() -> Iterator[list[str]]:
+    """Every file this process opens inside the block (through Python's `open` audit event)."""
+    if not getattr(_audit, "installed", False):
+        sys.addaudithook(_audit)
+        _audit.installed = True  # type: ignore[attr-defined]
+    _OPENED.append([])
+    try:
+        yield _OPENED[-1]
+    finally:
+        _OPENED.pop()
+
+
 def trainer_folder(folder: Path, tensors: dict, step: int | None) -> Path:
     """A checkpoint as transformers' Trainer saves it: weights, config, trainer state, and the
     trainer files a merge must never touch."""
@@ -728,9 +752,12 @@ def test_trl_hub_runs_merge_bit_identical_to_local_folders(
                            [str(f[f"c{s}"]) for s in STEPS_C], tmp_path / "out-local")
     hub_cfg = trl_config(tmp_path / "hub.yaml", "hf://acme/init@main",
                          "hf://acme/grpo-b@main/checkpoint-*", HISTORY_C, tmp_path / "out-hub")
-    local_result = warpmerge.run(local_cfg)
-    hub.clear_log()
-    hub_out = warpmerge.run(hub_cfg).outputs[0]
+    with opened_files() as opened:
+        local_result = warpmerge.run(local_cfg)
+        hub.clear_log()
+        hub_out = warpmerge.run(hub_cfg).outputs[0]
+    assert [p for p in opened if Path(p).name in TRAINER_FILES] == []  # never opened
+    assert any(Path(p).name == "trainer_state.json" for p in opened)  # (the hook sees opens)
 
     weights = tree_bytes(local_result.outputs[0], "model*")
     assert weights and tree_bytes(hub_out, "model*") == weights  # bit for bit
@@ -846,3 +873,26 @@ def test_cli_missing_step_and_cold_listing(
     code, _, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
     assert code == 3 and len(err.strip().splitlines()) == 1  # never listed: nothing to rerun
     assert "acme/grpo-b@main was never listed online" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_an_adapter_folder_fetches_only_the_adapter_config_and_state(hub: FakeHub) -> None:
+    """A PEFT checkpoint folder: adapter_config.json and adapter_model.safetensors (plus
+    config.json and trainer_state.json for the step), nothing a trainer leaves beside them."""
+    adapter = {"adapter_config.json": b'{"peft_type": "LORA", "r": 2}',
+               "adapter_model.safetensors": b"\x08" + b"\0" * 7 + b"{}",
+               "trainer_state.json": b'{"global_step": 30}', "README.md": b"# adapter",
+               "tokenizer.json": b"{}", **TRAINER_FILES}
+    hub.create_repo("acme/lora")
+    hub.commit("acme/lora", {f"checkpoint-{s}/{n}": v for s in (10, 30) for n, v in
+                             adapter.items()} | {"checkpoint-30/extra/x.safetensors": b"?"})
+    (first, second) = wh.resolve_hf_path("hf://acme/lora/checkpoint-*")
+    assert (first.path, second.path) == ("checkpoint-10", "checkpoint-30")
+    model = wh.fetch_checkpoint(second, progress=False)
+    assert model.weight_files == ["adapter_model.safetensors"]
+    assert set(model.files) == {"adapter_config.json", "adapter_model.safetensors",
+                                "trainer_state.json"}
+    assert hub.requested_files("acme/lora") == {f"checkpoint-30/{n}" for n in model.files}
+    assert (model.path / "adapter_model.safetensors").read_bytes() == \
+        adapter["adapter_model.safetensors"]
+    assert model.path.name == "checkpoint-30" and model.commit == second.commit
+    assert model.download_bytes == sum(len(adapter[n]) for n in model.files)
