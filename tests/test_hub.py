@@ -642,7 +642,7 @@ TRAINER_FILES = {
     "rng_state_1.pth": b"\x80\x04decoy rng of rank 1",
     "training_args.bin": b"\x80\x04decoy args",
 }
-STEPS_B = (100, 200, 400)  # all_checkpoints, uneven (a resumed run)
+STEPS_B = (90, 200, 1000)  # all_checkpoints, uneven (a resumed run); "1000" < "90" as text
 STEPS_C = (50, 150, 200)  # every_save
 
 
@@ -808,7 +808,7 @@ def test_cli_dry_run_shows_each_checkpoints_step_and_ema_weight(
             line = next(ln for ln in out.splitlines() if f"{run} checkpoint {t + 1} " in ln
                         and ": step" in ln)
             assert line.endswith(f": step {step}, EMA weight {weight:.6g}"), line
-    assert "(checkpoint-200): step 200" in out
+    assert "(checkpoint-200): step 200" in out and "(checkpoint-1000): step 1000" in out
     assert "(Training in progress, step 150 @ " in out
     for repo in ("acme/grpo-b", "acme/grpo-c"):  # headers by range, no weights, no trainer file
         assert all(r.range for r in hub.file_requests(repo)
@@ -823,8 +823,8 @@ def test_cli_dry_run_shows_each_checkpoints_step_and_ema_weight(
     ("hf://acme/nope/checkpoint-*", HISTORY_C, 3, "acme/nope: repository not found"),
     ("hf://acme/grpo-b/step-*", HISTORY_C, 2, "hf://acme/grpo-b/step-*: matches no folder"),
     ("hf://acme/grpo-b/checkpoint-7", HISTORY_C, 2, "is not a folder with files"),
-    (["hf://acme/grpo-b/checkpoint-200", "hf://acme/grpo-b/checkpoint-100"], HISTORY_C, 2,
-     "run-b checkpoint 2 (checkpoint-100): step 100 does not follow step 200"),
+    (["hf://acme/grpo-b/checkpoint-1000", "hf://acme/grpo-b/checkpoint-200"], HISTORY_C, 2,
+     "run-b checkpoint 2 (checkpoint-200): step 200 does not follow step 1000"),
     ("hf://acme/grpo-b/checkpoint-*", dict(HISTORY_C, revision="nope"), 3,
      "revision 'nope' not found"),
     ("hf://acme/grpo-b@v9/checkpoint-*", HISTORY_C, 3, "revision 'v9' not found"),
@@ -851,24 +851,24 @@ def test_cli_missing_step_and_cold_listing(
     publish_trl(hub, trl_runs)
     final = tmp_path / "local" / "final"  # no trainer_state.json, no number in its name
     shutil.copytree(trl_runs["c50"], final)
-    cfg = trl_config(tmp_path / "a.yaml", str(trl_runs["init"]), [str(trl_runs["b100"]),
+    cfg = trl_config(tmp_path / "a.yaml", str(trl_runs["init"]), [str(trl_runs["b90"]),
                      str(final)], HISTORY_C, tmp_path / "out")
     code, _, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "run-b checkpoint 2 (final): no step for ema.every: auto" in err
-    cfg = trl_config(tmp_path / "b.yaml", str(trl_runs["init"]), [str(trl_runs["b100"]),
+    cfg = trl_config(tmp_path / "b.yaml", str(trl_runs["init"]), [str(trl_runs["b90"]),
                      str(final)], HISTORY_C, tmp_path / "out", every=10)
     code, out, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
     assert code == 0, err  # a constant `every` needs no steps
     assert "(final): step 20, EMA weight" in out
 
     set_offline(monkeypatch, True)  # listed by the dry run, but no weights downloaded
-    cfg = trl_config(tmp_path / "c.yaml", str(trl_runs["init"]), str(trl_runs["b100"]),
+    cfg = trl_config(tmp_path / "c.yaml", str(trl_runs["init"]), str(trl_runs["b90"]),
                      HISTORY_C, tmp_path / "out")
     code, _, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
     assert code == 3 and len(err.strip().splitlines()) == 1
     assert f"acme/grpo-c@{hub.history('acme/grpo-c')[-2].sha} lacks files of the root" in err
-    cfg = trl_config(tmp_path / "d.yaml", str(trl_runs["init"]), str(trl_runs["b100"]),
+    cfg = trl_config(tmp_path / "d.yaml", str(trl_runs["init"]), str(trl_runs["b90"]),
                      dict(HISTORY_C, hub_history="acme/grpo-b"), tmp_path / "out")
     code, _, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
     assert code == 3 and len(err.strip().splitlines()) == 1  # never listed: nothing to rerun
@@ -884,7 +884,8 @@ def test_an_adapter_folder_fetches_only_the_adapter_config_and_state(hub: FakeHu
                "tokenizer.json": b"{}", **TRAINER_FILES}
     hub.create_repo("acme/lora")
     hub.commit("acme/lora", {f"checkpoint-{s}/{n}": v for s in (10, 30) for n, v in
-                             adapter.items()} | {"checkpoint-30/extra/x.safetensors": b"?"})
+                             adapter.items()} | {"checkpoint-30/extra/x.safetensors": b"?",
+                                                 "checkpoint-30/model.safetensors": b"?"})
     (first, second) = wh.resolve_hf_path("hf://acme/lora/checkpoint-*")
     assert (first.path, second.path) == ("checkpoint-10", "checkpoint-30")
     model = wh.fetch_checkpoint(second, progress=False)
