@@ -616,6 +616,7 @@ def test_live_hub_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         api.delete_repo(repo_id, missing_ok=True)
 
 
+@pytest.mark.slow
 def test_cli_check_accepts_repo_ids(
     hub: FakeHub, warp_setup: dict[str, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys
@@ -623,13 +624,15 @@ def test_cli_check_accepts_repo_ids(
     """`warpmerge check` downloads a model named by repo id; a model against itself: KL 0."""
     publish_setup(hub, warp_setup)
     code, out, err = run_cli(["check", "acme/init", "--against", str(warp_setup["init"]),
-                              "--against", "acme/run-a@step-1", "--json", "-q"],
+                              "--against", "acme/run-a@step-1",
+                              "--against", "hf://acme/run-a@step-1", "--json", "-q"],
                              monkeypatch, capsys)
     assert code == 0, err
     report = json.loads(out)
-    same, other = report["against"]
+    same, other, by_path = report["against"]
     assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
     assert other["kl"] > 0
+    assert by_path["kl"] == other["kl"]  # hf:// names the same model
     assert not hub.requested_files("acme/init") & set(DECOYS)
 
 
