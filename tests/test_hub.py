@@ -105,6 +105,26 @@ def test_parse_repo_ref(ref: str, expected) -> None:
     assert wh.parse_repo_ref(ref) == expected
 
 
+@pytest.mark.parametrize(("ref", "expected"), [
+    ("hf://org/name", ("org/name", None, "")),
+    ("hf://org/name@main/checkpoint-*", ("org/name", "main", "checkpoint-*")),
+    ("hf://org/name/runs/a/checkpoint-500", ("org/name", None, "runs/a/checkpoint-500")),
+    ("hf://org/name@refs/pr/3/checkpoint-1", ("org/name", "refs/pr/3", "checkpoint-1")),
+    ("hf://org/name@refs%2Fpr%2F3/checkpoint-1", ("org/name", "refs/pr/3", "checkpoint-1")),
+    ("org/name", None),
+    ("runs/hf:/x", None),
+])
+def test_parse_hf_path(ref: str, expected) -> None:
+    assert wh.parse_hf_path(ref) == expected
+
+
+@pytest.mark.parametrize("ref", ["hf://name", "hf://org/name@/x", "hf://org/name/../x",
+                                 "hf://org//x", "hf://org/-bad/x"])
+def test_parse_hf_path_rejects(ref: str) -> None:
+    with pytest.raises(InputError, match="not a Hub path"):
+        wh.parse_hf_path(ref)
+
+
 # --- downloads -------------------------------------------------------------------------------
 
 

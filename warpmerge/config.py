@@ -95,7 +95,7 @@ class HubHistory(_Strict):
     `revision` whose title matches `match` (a glob), oldest first, weights at the repo root."""
 
     hub_history: str
-    match: str = "*"
+    match: str = "Training in progress*"  # the title TRL gives every push
     revision: str | None = None
 
     @field_validator("hub_history")

@@ -258,7 +258,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # What a merge reads of a checkpoint folder besides its weights: nothing of what trainers leave
 # beside them (optimizer.pt, scheduler.pt, rng_state*.pth, training_args.bin) is ever fetched.
 CHECKPOINT_FILES: tuple[str, ...] = ("config.json", "trainer_state.json", ADAPTER_CONFIG)
-DEFAULT_HISTORY_MATCH = "Training in progress*"  # the title of every commit TRL pushes
 _GLOB = re.compile(r"[*?\[]")
 _HF_PATH = re.compile(r"(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>refs/pr/\d+|[^/]*))?(?:/(?P<path>.*))?")
 
@@ -305,19 +304,16 @@ def parse_hf_path(ref: str) -> tuple[str, str | None, str] | None:
     """
     if not isinstance(ref, str) or not ref.startswith(HF_PREFIX):
         return None
+    bad = InputError(f"{ref}: not a Hub path (hf://org/name[@revision][/folder])")
     match = _HF_PATH.fullmatch(ref[len(HF_PREFIX):].rstrip("/"))
-    revision = unquote(match["rev"]) if match and match["rev"] is not None else None
-    parsed = parse_repo_ref(match["repo"] + (f"@{revision}" if revision is not None else "")) \
-        if match else None
-    path = (match["path"] or "") if match else ""
-    if parsed is None or any(p in ("", ".", "..") for p in path.split("/") if path):
-        raise InputError(f"{ref}: not a Hub path (hf://org/name[@revision][/folder])")
+    if match is None:
+        raise bad
+    revision = unquote(match["rev"]) if match["rev"] is not None else None
+    parsed = parse_repo_ref(match["repo"] + (f"@{revision}" if revision is not None else ""))
+    path = match["path"] or ""
+    if parsed is None or (path and any(p in ("", ".", "..") for p in path.split("/"))):
+        raise bad
     return parsed[0], parsed[1], path
-
-
-def is_hub_spec(spec: object) -> bool:
-    """Whether a checkpoint entry names the Hub (an hf:// path or a hub_history mapping)."""
-    return isinstance(spec, str) and spec.startswith(HF_PREFIX) or hasattr(spec, "hub_history")
 
 
 def expand_checkpoints(specs: Iterable[Any]) -> list[Any]:
@@ -379,8 +375,8 @@ def hub_model(ref: str) -> HubCheckpoint:
     return found[0]
 
 
-def resolve_history(repo_id: str, match: str = DEFAULT_HISTORY_MATCH,
-                    revision: str | None = None) -> list[HubCheckpoint]:
+def resolve_history(repo_id: str, match: str, revision: str | None = None
+                    ) -> list[HubCheckpoint]:
     """Every commit of branch `revision` whose title matches `match`, oldest first, each pinned
     to its hash with the weights at the repo root (TRL `hub_strategy="every_save"`)."""
     commits = _history(repo_id, revision)
