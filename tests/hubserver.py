@@ -98,6 +98,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.page_size = 50  # commits per page of a history (the Hub's default)
+        self.tree_page_size = 1000  # entries per page of a tree listing (the Hub's default)
         self.lock = threading.RLock()
         self._counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
@@ -378,7 +379,14 @@ class _Handler(BaseHTTPRequestHandler):
             repo = hub.readable(repo_id, user)
             commit = self._commit(repo, rest[1])
             recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
-            return self._json(self._tree(commit, "/".join(rest[2:]), recursive))
+            entries = self._tree(commit, "/".join(rest[2:]), recursive)
+            start = int(query.get("cursor", ["0"])[0])  # the Hub pages trees with a cursor
+            status, headers, payload = self._json(entries[start:start + hub.tree_page_size])
+            if start + hub.tree_page_size < len(entries):
+                url = f"{hub.url}/api/models/{repo_id}/tree/{'/'.join(rest[1:])}"
+                headers["Link"] = (f'<{url}?recursive={str(recursive).lower()}'
+                                   f'&cursor={start + hub.tree_page_size}>; rel="next"')
+            return status, headers, payload
         if method == "GET" and rest[:1] == ["commits"] and len(rest) >= 2:
             repo = hub.readable(repo_id, user)
             return self._commits(repo, "/".join(rest[1:]), query)

@@ -769,7 +769,8 @@ def test_trl_hub_runs_merge_bit_identical_to_local_folders(
 
     f = trl_runs
     commits = publish_trl(hub, f)
-    hub.page_size = 2  # the history comes in several pages
+    hub.page_size = 2  # the history and the tree listing come in several pages
+    hub.tree_page_size = 5
     local_cfg = trl_config(tmp_path / "local.yaml", str(f["init"]),
                            str(tmp_path / "local" / "b" / "checkpoint-*"),
                            [str(f[f"c{s}"]) for s in STEPS_C], tmp_path / "out-local")
