@@ -1,7 +1,8 @@
 """A small Hub-compatible HTTP server, so tests can drive the real `huggingface_hub` client.
 
 Standard library only. It keeps repos in memory as git-like commits (full file snapshots) and
-implements just the endpoints the client calls to read model info and trees, download files
+implements just the endpoints the client calls to read model info, trees (with sub-folders)
+and commit histories (paged, newest first), download files
 (HEAD, GET, ranges), create a repo, create a branch, preupload, commit (NDJSON, base64 "regular"
 files only: every preupload answer is "regular", so no LFS or Xet is involved), validate a card's
 YAML, list refs and say who a token belongs to. Errors carry the headers the client keys on
@@ -27,7 +28,7 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -96,6 +97,8 @@ class FakeHub:
         self.orgs = {k: set(v) for k, v in (orgs or {}).items()}
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
+        self.page_size = 50  # commits per page of a history (the Hub's default)
+        self.tree_page_size = 1000  # entries per page of a tree listing (the Hub's default)
         self.lock = threading.RLock()
         self._counter = itertools.count()
         self._server: ThreadingHTTPServer | None = None
@@ -376,7 +379,17 @@ class _Handler(BaseHTTPRequestHandler):
             repo = hub.readable(repo_id, user)
             commit = self._commit(repo, rest[1])
             recursive = query.get("recursive", ["false"])[0].lower() in ("true", "1")
-            return self._json(self._tree(commit, "/".join(rest[2:]), recursive))
+            entries = self._tree(commit, "/".join(rest[2:]), recursive)
+            start = int(query.get("cursor", ["0"])[0])  # the Hub pages trees with a cursor
+            status, headers, payload = self._json(entries[start:start + hub.tree_page_size])
+            if start + hub.tree_page_size < len(entries):
+                url = f"{hub.url}/api/models/{repo_id}/tree/{'/'.join(rest[1:])}"
+                headers["Link"] = (f'<{url}?recursive={str(recursive).lower()}'
+                                   f'&cursor={start + hub.tree_page_size}>; rel="next"')
+            return status, headers, payload
+        if method == "GET" and rest[:1] == ["commits"] and len(rest) >= 2:
+            repo = hub.readable(repo_id, user)
+            return self._commits(repo, "/".join(rest[1:]), query)
         if method == "GET" and rest == ["refs"]:
             repo = hub.readable(repo_id, user)
             return self._json({
@@ -413,6 +426,25 @@ class _Handler(BaseHTTPRequestHandler):
             repo.branches[name] = self._commit(repo, start).sha
             return self._json({})
         raise HubError(404, f"not implemented by the test hub: {method} {self.path}")
+
+    def _commits(self, repo: Repo, rev: str, query):
+        """A branch's history, newest first, a page at a time with a `Link: rel="next"` header,
+        as the Hub pages `/api/models/{repo}/commits/{rev}` (`?p=N`)."""
+        history, commit = [], self._commit(repo, rev)
+        while commit is not None:
+            history.append(commit)
+            commit = repo.commits[commit.parent] if commit.parent else None
+        page = int(query.get("p", ["0"])[0])
+        size = self.hub.page_size
+        items = [{"id": c.sha, "title": c.message.split("\n", 1)[0],
+                  "message": c.message.partition("\n")[2], "date": c.date,
+                  "authors": [{"user": "trainer", "avatar": ""}]}
+                 for c in history[page * size:(page + 1) * size]]
+        status, headers, payload = self._json(items)
+        if (page + 1) * size < len(history):
+            base = f"{self.hub.url}/api/models/{repo.repo_id}/commits/{quote(rev, safe='')}"
+            headers["Link"] = f'<{base}?p={page + 1}>; rel="next"'
+        return status, headers, payload
 
     def _commit(self, repo: Repo, rev: str) -> Commit:
         commit = repo.resolve(rev)

@@ -11,7 +11,10 @@ import json
 import os
 import re
 import struct
+import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -100,6 +103,26 @@ def sharded(tmp_path: Path) -> Path:
 ])
 def test_parse_repo_ref(ref: str, expected) -> None:
     assert wh.parse_repo_ref(ref) == expected
+
+
+@pytest.mark.parametrize(("ref", "expected"), [
+    ("hf://org/name", ("org/name", None, "")),
+    ("hf://org/name@main/checkpoint-*", ("org/name", "main", "checkpoint-*")),
+    ("hf://org/name/runs/a/checkpoint-500", ("org/name", None, "runs/a/checkpoint-500")),
+    ("hf://org/name@refs/pr/3/checkpoint-1", ("org/name", "refs/pr/3", "checkpoint-1")),
+    ("hf://org/name@refs%2Fpr%2F3/checkpoint-1", ("org/name", "refs/pr/3", "checkpoint-1")),
+    ("org/name", None),
+    ("runs/hf:/x", None),
+])
+def test_parse_hf_path(ref: str, expected) -> None:
+    assert wh.parse_hf_path(ref) == expected
+
+
+@pytest.mark.parametrize("ref", ["hf://name", "hf://org/name@/x", "hf://org/name/../x",
+                                 "hf://org//x", "hf://org/-bad/x"])
+def test_parse_hf_path_rejects(ref: str) -> None:
+    with pytest.raises(InputError, match="not a Hub path"):
+        wh.parse_hf_path(ref)
 
 
 # --- downloads -------------------------------------------------------------------------------
@@ -613,6 +636,7 @@ def test_live_hub_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         api.delete_repo(repo_id, missing_ok=True)
 
 
+@pytest.mark.slow
 def test_cli_check_accepts_repo_ids(
     hub: FakeHub, warp_setup: dict[str, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys
@@ -620,11 +644,280 @@ def test_cli_check_accepts_repo_ids(
     """`warpmerge check` downloads a model named by repo id; a model against itself: KL 0."""
     publish_setup(hub, warp_setup)
     code, out, err = run_cli(["check", "acme/init", "--against", str(warp_setup["init"]),
-                              "--against", "acme/run-a@step-1", "--json", "-q"],
+                              "--against", "acme/run-a@step-1",
+                              "--against", "hf://acme/run-a@step-1", "--json", "-q"],
                              monkeypatch, capsys)
     assert code == 0, err
     report = json.loads(out)
-    same, other = report["against"]
+    same, other, by_path = report["against"]
     assert same["kl"] == pytest.approx(0.0, abs=1e-7) and same["top1_agreement"] == 1.0
     assert other["kl"] > 0
+    assert by_path["kl"] == other["kl"]  # hf:// names the same model
     assert not hub.requested_files("acme/init") & set(DECOYS)
+
+
+# --- checkpoints as trainers push them (hf:// folders, commit histories) ---------------------
+
+TRAINER_FILES = {
+    "optimizer.pt": b"\x80\x04decoy optimizer state" * 64,
+    "scheduler.pt": b"\x80\x04decoy scheduler",
+    "rng_state.pth": b"\x80\x04decoy rng",
+    "rng_state_1.pth": b"\x80\x04decoy rng of rank 1",
+    "training_args.bin": b"\x80\x04decoy args",
+}
+STEPS_B = (90, 200, 1000)  # all_checkpoints, uneven (a resumed run); "1000" < "90" as text
+STEPS_C = (50, 150, 200)  # every_save
+
+
+_OPENED: list[list[str]] = []  # the lists the audit hook appends to (hooks cannot be removed)
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED and isinstance(args[0], str | bytes | os.PathLike):
+        _OPENED[-1].append(os.fsdecode(args[0]))
+
+
+@contextmanager
+def opened_files() -> Iterator[list[str]]:
+    """Every file this process opens inside the block (through Python's `open` audit event)."""
+    if not getattr(_audit, "installed", False):
+        sys.addaudithook(_audit)
+        _audit.installed = True  # type: ignore[attr-defined]
+    _OPENED.append([])
+    try:
+        yield _OPENED[-1]
+    finally:
+        _OPENED.pop()
+
+
+def trainer_folder(folder: Path, tensors: dict, step: int | None) -> Path:
+    """A checkpoint as transformers' Trainer saves it: weights, config, trainer state, and the
+    trainer files a merge must never touch."""
+    write_model(folder, tensors)
+    if step is not None:
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step,
+                                                               "log_history": []}))
+    for name, data in TRAINER_FILES.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def trl_runs(tmp_path: Path) -> dict[str, Path]:
+    """An init and two runs as local folders: run b with trainer_state.json, run c without
+    (TRL's every_save pushes none; its steps come from the commit titles)."""
+    init = random_model(40)
+    out = {"init": write_model(tmp_path / "local" / "init", init)}
+    for run, steps, state in (("b", STEPS_B, True), ("c", STEPS_C, False)):
+        cur = init
+        for step in steps:
+            cur = perturb(cur, 1000 * ord(run) + step, scale=0.02)
+            out[f"{run}{step}"] = trainer_folder(
+                tmp_path / "local" / run / f"checkpoint-{step}", cur, step if state else None)
+    return out
+
+
+def folder_files(folder: Path, prefix: str = "") -> dict[str, bytes]:
+    return {prefix + p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def publish_trl(hub: FakeHub, f: dict[str, Path]) -> dict[str, str]:
+    """acme/init; acme/grpo-b as `all_checkpoints` leaves it (one commit per save adding
+    checkpoint-N/ and the weights at the root); acme/grpo-c as `every_save` leaves it (one
+    "Training in progress, step N" commit per save, weights at the root)."""
+    commits = {"init": publish(hub, "acme/init", f["init"])}
+    hub.create_repo("acme/grpo-b")
+    for step in STEPS_B:
+        root = {k: v for k, v in folder_files(f[f"b{step}"]).items() if k != "trainer_state.json"}
+        commits[f"b{step}"] = hub.commit(
+            "acme/grpo-b", {**root, **AUX, **folder_files(f[f"b{step}"], f"checkpoint-{step}/")},
+            message=f"Training in progress, step {step}")
+    logs = {"runs/events.out": b"tensorboard", "notes/checkpoint-1.txt": b"x",
+            "last-checkpoint/optimizer.pt": b"\x80\x04decoy"}
+    commits["b-main"] = hub.commit("acme/grpo-b", logs, message="logs")
+    hub.create_repo("acme/grpo-c")
+    for step in STEPS_C:
+        files = {k: v for k, v in folder_files(f[f"c{step}"]).items()}
+        commits[f"c{step}"] = hub.commit("acme/grpo-c", {**files, **AUX},
+                                         message=f"Training in progress, step {step}")
+        hub.commit("acme/grpo-c", {"README.md": b"# card"}, message="Upload model card")
+    return commits
+
+
+def trl_config(path: Path, init: str, b: object, c: object, out: Path, every: object = "auto",
+               ) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump({
+        "init": init,
+        "policies": [{"name": "run-b", "checkpoints": b}, {"name": "run-c", "checkpoints": c}],
+        "ema": {"mu": 0.01, "every": every},
+        "liti": {"eta": 0.5},
+        "output": {"path": str(out)},
+    }))
+    return path
+
+
+HISTORY_C = {"hub_history": "acme/grpo-c", "match": "Training in progress*", "revision": "main"}
+
+
+def test_trl_hub_runs_merge_bit_identical_to_local_folders(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warpmerge
+
+    f = trl_runs
+    commits = publish_trl(hub, f)
+    hub.page_size = 2  # the history and the tree listing come in several pages
+    hub.tree_page_size = 5
+    local_cfg = trl_config(tmp_path / "local.yaml", str(f["init"]),
+                           str(tmp_path / "local" / "b" / "checkpoint-*"),
+                           [str(f[f"c{s}"]) for s in STEPS_C], tmp_path / "out-local")
+    hub_cfg = trl_config(tmp_path / "hub.yaml", "hf://acme/init@main",
+                         "hf://acme/grpo-b@main/checkpoint-*", HISTORY_C, tmp_path / "out-hub")
+    with opened_files() as opened:
+        local_result = warpmerge.run(local_cfg)
+        hub.clear_log()
+        hub_out = warpmerge.run(hub_cfg).outputs[0]
+    assert [p for p in opened if Path(p).name in TRAINER_FILES] == []  # never opened
+    assert any(Path(p).name == "trainer_state.json" for p in opened)  # (the hook sees opens)
+
+    weights = tree_bytes(local_result.outputs[0], "model*")
+    assert weights and tree_bytes(hub_out, "model*") == weights  # bit for bit
+
+    prov = json.loads((hub_out / "warpmerge.json").read_text())
+    runs = [i for i in prov["inputs"] if i["role"] != "init"]
+    expected = [("acme/grpo-b", commits["b-main"], f"checkpoint-{s}") for s in STEPS_B] + \
+        [("acme/grpo-c", commits[f"c{s}"], "") for s in STEPS_C]
+    assert [(i["repo_id"], i["commit"]) for i in runs] == [e[:2] for e in expected]
+    assert [i["ref"] for i in runs] == [
+        f"hf://{r}@{c}" + (f"/{p}" if p else "") for r, c, p in expected]
+
+    # only the matched folders' weights, config and trainer state; never a trainer file
+    allowed_b = {f"checkpoint-{s}/{n}" for s in STEPS_B
+                 for n in ("model.safetensors", "config.json", "trainer_state.json")}
+    assert hub.requested_files("acme/grpo-b") == allowed_b
+    assert hub.requested_files("acme/grpo-c") == {"model.safetensors", "config.json"}
+    everything = {r.path for r in hub.requests}
+    assert not any(name in p for p in everything for name in TRAINER_FILES)
+    assert not any(x in p for p in everything for x in ("runs/", "last-checkpoint",
+                                                        "notes/"))
+
+    # a warm cache reruns offline: listings and histories included
+    set_offline(monkeypatch, True)
+    hub.clear_log()
+    again = warpmerge.run(trl_config(tmp_path / "hub2.yaml", "hf://acme/init@main",
+                                     "hf://acme/grpo-b@main/checkpoint-*", HISTORY_C,
+                                     tmp_path / "out-offline")).outputs[0]
+    assert hub.requests == []
+    assert tree_bytes(again, "model*") == weights
+
+
+def test_cli_dry_run_shows_each_checkpoints_step_and_ema_weight(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    publish_trl(hub, trl_runs)
+    cfg = trl_config(tmp_path / "hub.yaml", "hf://acme/init", "hf://acme/grpo-b/checkpoint-*",
+                     HISTORY_C, tmp_path / "out")
+    hub.clear_log()
+    code, out, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
+    assert code == 0, err
+    keep = 0.99  # 1 − μ; a_t = (1 − keep^(s_t − s_{t−1}))·keep^(s_T − s_t)
+    for run, steps in (("run-b", STEPS_B), ("run-c", STEPS_C)):
+        for t, step in enumerate(steps):
+            gap = step - (steps[t - 1] if t else 0)
+            weight = (1 - keep ** gap) * keep ** (steps[-1] - step)
+            line = next(ln for ln in out.splitlines() if f"{run} checkpoint {t + 1} " in ln
+                        and ": step" in ln)
+            assert line.endswith(f": step {step}, EMA weight {weight:.6g}"), line
+    assert "(checkpoint-200): step 200" in out and "(checkpoint-1000): step 1000" in out
+    assert "(Training in progress, step 150 @ " in out
+    for repo in ("acme/grpo-b", "acme/grpo-c"):  # headers by range, no weights, no trainer file
+        assert all(r.range for r in hub.file_requests(repo)
+                   if r.method == "GET" and r.path.endswith(".safetensors"))
+        assert not any(n.rsplit("/", 1)[-1] in TRAINER_FILES for n in hub.requested_files(repo))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("b", "c", "code", "expected"), [
+    ("hf://acme/grpo-b/checkpoint-*", dict(HISTORY_C, match="Epoch*"), 2,
+     "no commit title matches 'Epoch*'"),
+    ("hf://acme/nope/checkpoint-*", HISTORY_C, 3, "acme/nope: repository not found"),
+    ("hf://acme/grpo-b/step-*", HISTORY_C, 2, "hf://acme/grpo-b/step-*: matches no folder"),
+    ("hf://acme/grpo-b/checkpoint-7", HISTORY_C, 2, "is not a folder with files"),
+    (["hf://acme/grpo-b/checkpoint-1000", "hf://acme/grpo-b/checkpoint-200"], HISTORY_C, 2,
+     "run-b checkpoint 2 (checkpoint-200): step 200 does not follow step 1000"),
+    ("hf://acme/grpo-b/checkpoint-*", dict(HISTORY_C, revision="nope"), 3,
+     "revision 'nope' not found"),
+    ("hf://acme/grpo-b@v9/checkpoint-*", HISTORY_C, 3, "revision 'v9' not found"),
+    ("hf://acme/grpo-b@main/../x", HISTORY_C, 2, "not a Hub path"),
+])
+def test_cli_bad_hub_checkpoint_specs_are_one_line(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys, b: object, c: object, code: int, expected: str
+) -> None:
+    publish_trl(hub, trl_runs)
+    cfg = trl_config(tmp_path / "hub.yaml", str(trl_runs["init"]), b, c, tmp_path / "out")
+    got, out, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
+    assert got == code, err
+    assert len(err.strip().splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_missing_step_and_cold_listing(
+    hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import shutil
+
+    publish_trl(hub, trl_runs)
+    final = tmp_path / "local" / "final"  # no trainer_state.json, no number in its name
+    shutil.copytree(trl_runs["c50"], final)
+    cfg = trl_config(tmp_path / "a.yaml", str(trl_runs["init"]), [str(trl_runs["b90"]),
+                     str(final)], HISTORY_C, tmp_path / "out")
+    code, _, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "run-b checkpoint 2 (final): no step for ema.every: auto" in err
+    cfg = trl_config(tmp_path / "b.yaml", str(trl_runs["init"]), [str(trl_runs["b90"]),
+                     str(final)], HISTORY_C, tmp_path / "out", every=10)
+    code, out, err = run_cli(["run", str(cfg), "--dry-run", "--quiet"], monkeypatch, capsys)
+    assert code == 0, err  # a constant `every` needs no steps
+    assert "(final): step 20, EMA weight" in out
+
+    set_offline(monkeypatch, True)  # listed by the dry run, but no weights downloaded
+    cfg = trl_config(tmp_path / "c.yaml", str(trl_runs["init"]), str(trl_runs["b90"]),
+                     HISTORY_C, tmp_path / "out")
+    code, _, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert f"acme/grpo-c@{hub.history('acme/grpo-c')[-2].sha} lacks files of the root" in err
+    cfg = trl_config(tmp_path / "d.yaml", str(trl_runs["init"]), str(trl_runs["b90"]),
+                     dict(HISTORY_C, hub_history="acme/grpo-b"), tmp_path / "out")
+    code, _, err = run_cli(["run", str(cfg), "--quiet"], monkeypatch, capsys)
+    assert code == 3 and len(err.strip().splitlines()) == 1  # never listed: nothing to rerun
+    assert "acme/grpo-b@main was never listed online" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_an_adapter_folder_fetches_only_the_adapter_config_and_state(hub: FakeHub) -> None:
+    """A PEFT checkpoint folder: adapter_config.json and adapter_model.safetensors (plus
+    config.json and trainer_state.json for the step), nothing a trainer leaves beside them."""
+    adapter = {"adapter_config.json": b'{"peft_type": "LORA", "r": 2}',
+               "adapter_model.safetensors": b"\x08" + b"\0" * 7 + b"{}",
+               "trainer_state.json": b'{"global_step": 30}', "README.md": b"# adapter",
+               "tokenizer.json": b"{}", **TRAINER_FILES}
+    hub.create_repo("acme/lora")
+    hub.commit("acme/lora", {f"checkpoint-{s}/{n}": v for s in (10, 30) for n, v in
+                             adapter.items()} | {"checkpoint-30/extra/x.safetensors": b"?",
+                                                 "checkpoint-30/model.safetensors": b"?"})
+    (first, second) = wh.resolve_hf_path("hf://acme/lora/checkpoint-*")
+    assert (first.path, second.path) == ("checkpoint-10", "checkpoint-30")
+    model = wh.fetch_checkpoint(second, progress=False)
+    assert model.weight_files == ["adapter_model.safetensors"]
+    assert set(model.files) == {"adapter_config.json", "adapter_model.safetensors",
+                                "trainer_state.json"}
+    assert hub.requested_files("acme/lora") == {f"checkpoint-30/{n}" for n in model.files}
+    assert (model.path / "adapter_model.safetensors").read_bytes() == \
+        adapter["adapter_model.safetensors"]
+    assert model.path.name == "checkpoint-30" and model.commit == second.commit
+    assert model.download_bytes == sum(len(adapter[n]) for n in model.files)

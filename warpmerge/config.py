@@ -8,7 +8,6 @@ wrong type and out-of-range value is an error that names the key, with its line 
 from __future__ import annotations
 
 import difflib
-import glob
 import math
 import re
 from pathlib import Path
@@ -30,6 +29,7 @@ from .errors import ConfigError
 from .units import parse_size
 
 GLOB_CHARS = re.compile(r"[*?\[]")
+HF_PREFIX = "hf://"  # huggingface_hub's file-system paths
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def natural_key(text: str) -> list[Any]:
     """Sort key that puts step-2 before step-10."""
@@ -63,11 +63,34 @@ class _Strict(BaseModel):
         return data
 
 
+class HubHistory(_Strict):
+    """A run pushed as one commit per save (TRL `hub_strategy="every_save"`): every commit of
+    `revision` whose title matches `match` (a glob), oldest first, weights at the repo root."""
+
+    hub_history: str
+    match: str = "Training in progress*"  # the title TRL gives every push
+    revision: str | None = None
+
+    @field_validator("hub_history")
+    @classmethod
+    def _repo_shape(cls, v: str) -> str:
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
+            raise ValueError("hub_history must be a repo id like 'org/name'")
+        return v
+
+
+CheckpointSpec = str | HubHistory  # one entry of `checkpoints`, before any listing
+
+
 class Run(_Strict):
-    """One RL run (a `policies` entry): its checkpoints, oldest first, and its SLERP weight."""
+    """One RL run (a `policies` entry): its checkpoints, oldest first, and its SLERP weight.
+
+    `checkpoints` is a folder, a glob over folders, an `hf://org/name[@rev]/path` (may end in a
+    glob over the repo's folders), a list of those, or a `hub_history` mapping.
+    """
 
     name: str | None = None
-    checkpoints: list[str] | str
+    checkpoints: list[str] | str | HubHistory
     weight: float = Field(default=1.0, gt=0, allow_inf_nan=False)
 
     @field_validator("name")
@@ -77,9 +100,21 @@ class Run(_Strict):
             raise ValueError("run names may use letters, digits, '.', '_' and '-' only")
         return v
 
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _hub_history(cls, v: Any) -> Any:
+        """A mapping is a `hub_history`: validated here so its errors name its own keys."""
+        if not isinstance(v, dict):
+            return v
+        try:
+            return HubHistory.model_validate(v)
+        except ValidationError as exc:
+            text = describe_validation_error(exc, "hub_history")
+            raise ValueError(text.replace("hub_history: hub_history:", "hub_history:")) from None
+
     @field_validator("checkpoints")
     @classmethod
-    def _non_empty(cls, v: list[str] | str) -> list[str] | str:
+    def _non_empty(cls, v: list[str] | str | HubHistory) -> list[str] | str | HubHistory:
         if (isinstance(v, str) and not v.strip()) or (isinstance(v, list) and not v):
             raise ValueError("a run needs at least one checkpoint")
         return v
@@ -89,10 +124,18 @@ class Ema(_Strict):
     """Stage 1: the EMA of each run's checkpoints."""
 
     mu: float = Field(default=0.01, gt=0, le=1, allow_inf_nan=False)
-    every: int = Field(default=1, ge=1)
+    every: int | Literal["auto"] = 1  # optimizer steps between checkpoints; auto: real steps
     start: Literal["init", "first"] = "init"
     use: Literal["ema", "last"] = "ema"
     save: str | None = None
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _every(cls, v: Any) -> Any:
+        if v == "auto" or (type(v) is int and v >= 1):
+            return v
+        raise ValueError("every must be a number of optimizer steps (1 or more) or 'auto' "
+                         "(each checkpoint's real step)")
 
 
 class Slerp(_Strict):
@@ -205,25 +248,6 @@ class WarpConfig(_Strict):
     def resolve_path(self, ref: str) -> Path:
         path = Path(ref).expanduser()
         return path if path.is_absolute() else self._base_dir / path
-
-    def checkpoint_refs(self, index: int) -> list[str]:
-        """The checkpoints of run `index`, with a glob expanded and naturally sorted."""
-        spec = self.runs[index].checkpoints
-        refs = [spec] if isinstance(spec, str) else list(spec)
-        out: list[str] = []
-        for ref in refs:
-            if GLOB_CHARS.search(ref):
-                pattern = str(self.resolve_path(ref))
-                found = (m for m in glob.glob(pattern) if Path(m).is_dir())
-                matches = sorted(found, key=natural_key)
-                if not matches:
-                    raise ConfigError(
-                        f"{self.run_names[index]}: checkpoint glob '{ref}' matches no folder"
-                    )
-                out.extend(matches)
-            else:
-                out.append(ref)
-        return out
 
     def output_dirs(self, out: Path | None = None) -> list[Path]:
         """One folder per η: the path itself for one value, <path>/eta-<value> for several."""

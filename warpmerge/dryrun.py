@@ -25,8 +25,11 @@ def describe_plan(plan: Plan) -> str:
                  else "")
         lines.append(f"  {c.label}: {where} ({len(c.files)} file(s), "
                      f"{format_bytes(size)}{extra})")
-    for name, coefs in zip(plan.run_names, plan.contributions, strict=True):
+    for name, run, coefs, steps in zip(plan.run_names, plan.runs, plan.contributions,
+                                       plan.inputs.steps, strict=True):
         lines.append(f"  {name}: EMA weights {', '.join(f'{a:.6g}' for a in coefs)}")
+        lines += [f"    {c.label}: step {s}, EMA weight {a:.6g}"
+                  for c, s, a in zip(run, steps, coefs, strict=True)]
     g = plan.groups
     lines.append(f"Groups ({plan.config.slerp.granularity}): {len(g)} — "
                  + ", ".join(x.name for x in g[:4]) + (", ..." if len(g) > 4 else ""))

@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from .errors import HubError, InputError
+from .modelfolder import INDEX_FILE, SINGLE_FILE
 
 log = logging.getLogger(__name__)
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 
 # What a merge reads or copies besides the weights. Top-level files only: sub-folders of model
 # repos hold other formats ("original/", "onnx/", ...) that a merge never needs.
@@ -101,6 +100,7 @@ class HubModel:
     download_bytes: int  # bytes that were (or, with dry_run, would be) downloaded
     files: dict[str, int] = field(default_factory=dict)  # needed file -> size, weights last
     weight_files: list[str] = field(default_factory=list)  # the safetensors files, in order
+    subfolder: str = ""  # where `path` lies inside the repo ("" for the root)
 
     @property
     def ref(self) -> str:
@@ -177,24 +177,21 @@ def _fetch_online(hf: Any, repo_id: str, revision: str | None, *, dry_run: bool)
 
 
 def _weight_files(names: list[str], index: str | None, repo_id: str) -> list[str]:
-    """The safetensors files a loader reads, by the same rules as the local sources layer."""
+    """The safetensors files a loader reads: the model-folder rules, over the repo's listing."""
+    from .modelfolder import parse_index, weight_files
+
+    weight_map = None
     if index is not None:
         try:
-            weight_map = json.loads(Path(index).read_text())["weight_map"]
-            shards = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            text = Path(index).read_text(encoding="utf-8")
+        except (OSError, ValueError):
             raise InputError(f"{repo_id}: {INDEX_FILE} is not a valid index") from None
-        missing = [s for s in shards if s not in names]
-        if missing:
-            raise InputError(f"{repo_id}: {INDEX_FILE} names {missing[0]}, which the repo lacks")
-        return shards
-    if SINGLE_FILE in names:
-        return [SINGLE_FILE]
-    top = sorted(n for n in names if "/" not in n and n.endswith(".safetensors"))
-    if not top:
-        raise InputError(f"{repo_id}: no safetensors weights in the repo ({SINGLE_FILE} or "
-                         f"{INDEX_FILE}); warpmerge never loads pickled weights")
-    return top
+        weight_map = parse_index(text, repo_id)
+    shards = weight_files(names, weight_map, repo_id, f"the repo {repo_id}")
+    missing = [s for s in shards if s not in names]
+    if missing:
+        raise InputError(f"{repo_id}: {INDEX_FILE} names {missing[0]}, which the repo lacks")
+    return shards
 
 
 def _aux_files(names: Iterable[str]) -> list[str]:
@@ -247,6 +244,301 @@ def _cached_listing(hf: Any, repo_id: str, snapshot: Path) -> list[str]:
     return sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file())
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints as trainers push them: folders of one repo (hf://), and commit histories
+
+
+HF_PREFIX = "hf://"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What a merge reads of a checkpoint folder besides its weights: nothing of what trainers leave
+# beside them (optimizer.pt, scheduler.pt, rng_state*.pth, training_args.bin) is ever fetched.
+CHECKPOINT_FILES: tuple[str, ...] = ("config.json", "trainer_state.json", ADAPTER_CONFIG)
+_GLOB = re.compile(r"[*?\[]")
+_HF_PATH = re.compile(r"(?P<repo>[^/@]+/[^/@]+)(?:@(?P<rev>refs/pr/\d+|[^/]*))?(?:/(?P<path>.*))?")
+
+
+@dataclass(frozen=True)
+class HubCheckpoint:
+    """One checkpoint on the Hub, pinned: the folder `path` of `repo_id` at `commit`.
+
+    `files` maps the names of the folder's own files (not of its sub-folders) to their sizes,
+    as listed when the reference was resolved, so fetching it needs no second listing.
+    """
+
+    repo_id: str
+    commit: str
+    path: str = ""  # folder inside the repo; "" is the root
+    revision: str | None = None  # what the user asked for (a branch, tag or commit)
+    title: str | None = None  # the commit's title, for a checkpoint of a hub_history
+    files: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def ref(self) -> str:
+        """The pinned `hf://` path: what provenance records."""
+        return f"{HF_PREFIX}{self.repo_id}@{self.commit}" + (f"/{self.path}" if self.path else "")
+
+    @property
+    def name(self) -> str | None:
+        """The folder's own name (None at the root: its local folder is named by the hash)."""
+        return self.path.rsplit("/", 1)[-1] if self.path else None
+
+    @property
+    def short(self) -> str:
+        """How messages name it: the folder name, else the commit title and short hash."""
+        if self.name:
+            return self.name
+        return f"{self.title} @ {self.commit[:8]}" if self.title else f"{self.repo_id}@" \
+            f"{self.commit[:8]}"
+
+
+def parse_hf_path(ref: str) -> tuple[str, str | None, str] | None:
+    """'hf://org/name@rev/path' -> (repo_id, revision, path); None if not an hf:// path.
+
+    huggingface_hub's file-system form: the revision may be `refs/pr/N`, or any revision with
+    its slashes percent-encoded. A malformed hf:// path is an InputError.
+    """
+    if not isinstance(ref, str) or not ref.startswith(HF_PREFIX):
+        return None
+    bad = InputError(f"{ref}: not a Hub path (hf://org/name[@revision][/folder])")
+    match = _HF_PATH.fullmatch(ref[len(HF_PREFIX):].rstrip("/"))
+    if match is None:
+        raise bad
+    revision = unquote(match["rev"]) if match["rev"] is not None else None
+    parsed = parse_repo_ref(match["repo"] + (f"@{revision}" if revision is not None else ""))
+    path = match["path"] or ""
+    if parsed is None or (path and any(p in ("", ".", "..") for p in path.split("/"))):
+        raise bad
+    return parsed[0], parsed[1], path
+
+
+def expand_checkpoints(specs: Iterable[Any]) -> list[Any]:
+    """A run's checkpoint entries with every Hub entry resolved to pinned `HubCheckpoint`s.
+
+    Local paths pass through untouched; an `hf://` path becomes its folder (a glob: every
+    matching folder, naturally sorted), a `hub_history` its matching commits, oldest first.
+    """
+    out: list[Any] = []
+    for spec in specs:
+        if isinstance(spec, str) and spec.startswith(HF_PREFIX):
+            out.extend(resolve_hf_path(spec))
+        elif hasattr(spec, "hub_history"):
+            out.extend(resolve_history(spec.hub_history, spec.match, spec.revision))
+        else:
+            out.append(spec)
+    return out
+
+
+def checkpoint_name(ref: str | HubCheckpoint) -> str:
+    """How messages name a checkpoint entry: a local folder's name, or `HubCheckpoint.short`."""
+    return Path(ref).name if isinstance(ref, str) else ref.short
+
+
+def resolve_hf_path(ref: str) -> list[HubCheckpoint]:
+    """The folders an `hf://` path names: one, or for a glob every match, naturally sorted.
+
+    Lists the repo's tree at the revision (from the listing cache when offline); a folder that
+    does not exist, or a glob that matches none, is an InputError naming the path.
+    """
+    from .config import natural_key
+
+    parsed = parse_hf_path(ref)
+    if parsed is None:
+        raise InputError(f"{ref}: not a Hub path (hf://org/name[@revision][/folder])")
+    repo_id, revision, path = parsed
+    parts = path.split("/") if path else []
+    fixed = next((i for i, p in enumerate(parts) if _GLOB.search(p)), len(parts))
+    base = "/".join(parts[:fixed])
+    commit, files = _tree(repo_id, revision, base)
+    folders = {f.rsplit("/", 1)[0] if "/" in f else "" for f in files}
+    if fixed == len(parts):
+        matched = [path] if path in folders else []
+    else:
+        matched = sorted((f for f in folders if _folder_matches(f, parts)), key=natural_key)
+    if not matched:
+        what = "matches no folder" if fixed < len(parts) else "is not a folder with files"
+        raise InputError(f"{ref}: {what} in {repo_id}@{revision or 'main'} "
+                         f"(commit {commit[:12]})")
+    return [HubCheckpoint(repo_id, commit, folder, revision, None, _children(files, folder))
+            for folder in matched]
+
+
+def hub_model(ref: str) -> HubCheckpoint:
+    """The one folder an `hf://` path names where one model is expected (the init, `check`)."""
+    found = resolve_hf_path(ref)
+    if len(found) != 1 or _GLOB.search(ref):
+        raise InputError(f"{ref}: names {len(found)} folders where one model is expected")
+    return found[0]
+
+
+def resolve_history(repo_id: str, match: str, revision: str | None = None
+                    ) -> list[HubCheckpoint]:
+    """Every commit of branch `revision` whose title matches `match`, oldest first, each pinned
+    to its hash with the weights at the repo root (TRL `hub_strategy="every_save"`)."""
+    commits = _history(repo_id, revision)
+    picked = [c for c in reversed(commits) if fnmatchcase(c["title"], match)]
+    where = f"hub_history {repo_id}@{revision or 'main'}"
+    if not picked:
+        newest = f"; the newest is {commits[0]['title']!r}" if commits else ""
+        raise InputError(f"{where}: no commit title matches {match!r} "
+                         f"({len(commits)} commit(s){newest})")
+    out = []
+    for c in picked:
+        _, files = _tree(repo_id, c["commit"], "")
+        out.append(HubCheckpoint(repo_id, c["commit"], "", revision, c["title"],
+                                 _children(files, "")))
+    return out
+
+
+def fetch_checkpoint(ckpt: HubCheckpoint, *, model_files: bool = False, progress: bool = True,
+                     dry_run: bool = False) -> HubModel:
+    """Download what a merge reads of one Hub checkpoint folder into the standard cache.
+
+    That is its weights (the shards an index names, `model.safetensors`, or for a PEFT folder
+    `adapter_model.safetensors`) and `CHECKPOINT_FILES`; with `model_files` (the init), also
+    the tokenizer and card files of `AUX_PATTERNS`. Nothing else: no optimizer, scheduler, rng
+    or training-args files. With `dry_run`, no weights (read their headers with
+    `remote_weight_headers`). Files are fetched by commit hash, so a warm cache needs no network.
+    """
+    hf = _hf()
+    names = list(ckpt.files)
+    small = [n for n in names if n in CHECKPOINT_FILES or n == INDEX_FILE
+             or (model_files and n in _aux_files(names))]
+    try:
+        with _progress(progress):
+            cached = {n for n in names if _cached(hf, ckpt.repo_id, ckpt.commit, _join(ckpt, n))}
+            local = {n: Path(hf.hf_hub_download(ckpt.repo_id, _join(ckpt, n),
+                                                revision=ckpt.commit)) for n in small}
+            if ADAPTER_CONFIG in names:
+                if ADAPTER_WEIGHTS not in names:
+                    raise InputError(f"{ckpt.ref}: {ADAPTER_CONFIG} without {ADAPTER_WEIGHTS}")
+                weights = [ADAPTER_WEIGHTS]
+            else:
+                index = str(local[INDEX_FILE]) if INDEX_FILE in local else None
+                weights = _weight_files(names, index, ckpt.ref)
+            files = {n: ckpt.files[n] for n in [*small, *weights]}
+            download = sum(size for n, size in files.items() if n not in cached)
+            if not dry_run:
+                for n in weights:
+                    hf.hf_hub_download(ckpt.repo_id, _join(ckpt, n), revision=ckpt.commit)
+    except (HubError, InputError):
+        raise
+    except Exception as exc:
+        if isinstance(exc, _errors("OfflineModeIsEnabled", "LocalEntryNotFoundError")):
+            raise _cold_cache_error(ckpt.repo_id, ckpt.commit, exc if not _offline() else None,
+                                    lacks=f"files of {ckpt.path or 'the root'}") from None
+        raise _hub_error(exc, repo_id=ckpt.repo_id, revision=ckpt.commit) from None
+    folder = _snapshot(ckpt.repo_id, ckpt.commit) / ckpt.path
+    return HubModel(folder, ckpt.repo_id, ckpt.revision, ckpt.commit, download, files, weights,
+                    subfolder=ckpt.path)
+
+
+def remote_weight_headers(model: HubModel) -> dict[str, tuple[bytes, int]]:
+    """(raw header, file size) of each weight file of `model` not on disk (after a dry run)."""
+    missing = [f for f in model.weight_files if not (model.path / f).exists()]
+    if not missing:
+        return {}
+    prefix = f"{model.subfolder}/" if model.subfolder else ""
+    raw = remote_header_bytes(model.repo_id, model.commit, [prefix + f for f in missing])
+    return {name: (raw[prefix + name], model.files[name]) for name in missing}
+
+
+def _join(ckpt: HubCheckpoint, name: str) -> str:
+    return f"{ckpt.path}/{name}" if ckpt.path else name
+
+
+def _snapshot(repo_id: str, commit: str) -> Path:
+    return hub_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
+
+
+def _folder_matches(folder: str, pattern: list[str]) -> bool:
+    parts = folder.split("/") if folder else []
+    return len(parts) == len(pattern) and all(
+        fnmatchcase(p, q) for p, q in zip(parts, pattern, strict=True))
+
+
+def _children(files: dict[str, int], folder: str) -> dict[str, int]:
+    """The files directly inside `folder`, by name."""
+    prefix = f"{folder}/" if folder else ""
+    return {f[len(prefix):]: size for f, size in files.items()
+            if f.startswith(prefix) and "/" not in f[len(prefix):]}
+
+
+# Listings and histories, cached for offline reruns. They live in huggingface_hub's assets cache
+# (HF_ASSETS_CACHE, by default $HF_HOME/assets/warpmerge/<org>--<name>/listings/), one small
+# JSON file per question asked of the Hub. Online, a question about a branch is always asked
+# again (branches move); about a commit hash, the cached answer is used (commits do not).
+
+
+def _tree(repo_id: str, revision: str | None, folder: str) -> tuple[str, dict[str, int]]:
+    """(commit, {file path: size}) of every file under `folder` at `revision`."""
+
+    def ask(api: Any) -> dict:
+        commit = api.model_info(repo_id, revision=revision).sha
+        try:
+            entries = list(api.list_repo_tree(repo_id, path_in_repo=folder or None,
+                                              revision=commit, recursive=True))
+        except _errors("RemoteEntryNotFoundError", "EntryNotFoundError"):
+            entries = []  # no such folder: the caller names the path
+        files = {e.path: int(getattr(e, "size", 0) or 0) for e in entries
+                 if type(e).__name__ == "RepoFile"}
+        return {"commit": commit, "files": files}
+
+    answer = _ask_cached(repo_id, revision, f"tree {revision or ''} {folder}", ask)
+    return answer["commit"], answer["files"]
+
+
+def _history(repo_id: str, revision: str | None) -> list[dict[str, str]]:
+    """[{"commit", "title"}] of the branch, newest first (as the Hub lists them)."""
+
+    def ask(api: Any) -> dict:
+        commits = api.list_repo_commits(repo_id, revision=revision)
+        return {"commits": [{"commit": c.commit_id, "title": c.title} for c in commits]}
+
+    return _ask_cached(repo_id, revision, f"commits {revision or ''}", ask)["commits"]
+
+
+def _ask_cached(repo_id: str, revision: str | None, key: str, ask: Any) -> dict:
+    """`ask(api)`'s answer, kept in the listing cache; the cached one offline or when the Hub
+    cannot be reached (a HubError when there is none)."""
+    hf = _hf()
+    path = _listing_path(repo_id, key)
+    pinned = revision is not None and _SHA_RE.fullmatch(revision) is not None
+    if _offline() or (pinned and path.is_file()):
+        return _read_listing(path, repo_id, revision, None)
+    try:
+        answer = ask(hf.HfApi())
+    except (HubError, InputError):
+        raise
+    except Exception as exc:
+        if _is_transient(exc):
+            return _read_listing(path, repo_id, revision, exc)
+        raise _hub_error(exc, repo_id=repo_id, revision=revision) from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, **answer}))
+    os.replace(tmp, path)
+    return answer
+
+
+def _listing_path(repo_id: str, key: str) -> Path:
+    import hashlib
+
+    from huggingface_hub import constants
+
+    folder = _hf().cached_assets_path("warpmerge", namespace=repo_id, subfolder="listings",
+                                      assets_dir=constants.HF_ASSETS_CACHE)
+    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _read_listing(path: Path, repo_id: str, revision: str | None,
+                  cause: BaseException | None) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise _cold_cache_error(repo_id, revision, cause, listing=True) from None
+
+
 def remote_headers(
     repo_id: str, commit: str, files: Iterable[str] | None = None
 ) -> dict[str, dict]:
@@ -273,11 +565,7 @@ def remote_header_bytes(
     if files is None:
         index = hf.try_to_load_from_cache(repo_id, INDEX_FILE, revision=commit)
         if isinstance(index, str):
-            try:
-                weight_map = json.loads(Path(index).read_text())["weight_map"]
-                files = list(dict.fromkeys(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
-                raise InputError(f"{repo_id}: {INDEX_FILE} is not a valid index") from None
+            files = _weight_files(_local_index_shards(index), index, repo_id)
         else:
             files = [SINGLE_FILE]
     out: dict[str, bytes] = {}
@@ -295,6 +583,14 @@ def remote_header_bytes(
         except Exception as exc:
             raise _hub_error(exc, repo_id=repo_id, revision=commit) from None
     return out
+
+
+def _local_index_shards(index: str) -> list[str]:
+    """Every shard an index names, taken as present (a dry run checks them remotely)."""
+    try:
+        return list(json.loads(Path(index).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def _local_header(path: Path) -> bytes:
@@ -525,10 +821,11 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _cold_cache_error(repo_id: str, revision: str | None, cause: BaseException | None,
-                      lacks: str | None = None) -> HubError:
+                      lacks: str | None = None, listing: bool = False) -> HubError:
     ref = f"{repo_id}@{revision}" if revision else repo_id
     cause = _root_cause(cause)
     state = f"the cached snapshot of {ref} lacks {lacks}" if lacks else \
+        f"{ref} was never listed online (no cached listing)" if listing else \
         f"{ref} is not in the local Hub cache"
     if cause is None:
         return HubError(f"{state} and HF_HUB_OFFLINE is set: run once online (unset "

@@ -316,5 +316,3 @@ def read_model_config(ckpt: Checkpoint) -> dict | None:
     if not isinstance(config, dict):
         raise InputError(f"{ckpt.label}: config.json is not a JSON object")
     return config
-
-

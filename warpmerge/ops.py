@@ -24,23 +24,52 @@ def effective_mu(mu: float, every: int) -> float:
 
 
 def ema_coefficients(
-    n_checkpoints: int, mu: float, every: int = 1, start: str = "init", use: str = "ema"
+    n_checkpoints: int,
+    mu: float,
+    every: int = 1,
+    start: str = "init",
+    use: str = "ema",
+    steps: Sequence[int] | None = None,
 ) -> list[float]:
     """Scalars a_t with P − θ_init = Σ_t a_t·(θ_t − θ_init), for one run.
 
-    Unrolling ema_t = (1 − μe)·ema_{t−1} + μe·θ_t from ema_0 = θ_init gives
-    a_t = μe·(1 − μe)^(T − t); with `start: first`, ema_1 = θ_1 and a_1 = (1 − μe)^(T − 1).
+    Unrolling ema_t = (1 − μe_t)·ema_{t−1} + μe_t·θ_t from ema_0 = θ_init gives
+    a_t = μe_t·Π_{k>t}(1 − μe_k); with `start: first`, ema_1 = θ_1 and a_1 = Π_{k>1}(1 − μe_k).
+    `steps` are the checkpoints' optimizer steps s_t (θ_init is step 0), so that
+    μe_t = 1 − (1 − μ)^(s_t − s_{t−1}); without them s_t = t·every. When every gap that counts
+    is the same, this is the closed form a_t = μe·(1 − μe)^(T − t) with that gap, so real steps
+    that are evenly spaced give bit for bit what a constant `every` gives.
     """
     if n_checkpoints < 1:
         raise ValueError("a run needs at least one checkpoint")
+    if steps is not None and len(steps) != n_checkpoints:
+        raise ValueError("give one step per checkpoint")
     if n_checkpoints == 1 or use == "last":
         return [0.0] * (n_checkpoints - 1) + [1.0]
-    mu_e = effective_mu(mu, every)
     T = n_checkpoints
-    coefs = [mu_e * (1.0 - mu_e) ** (T - t) for t in range(1, T + 1)]
+    steps = [t * every for t in range(1, T + 1)] if steps is None else list(steps)
+    gaps = step_gaps(steps)
+    counted = gaps[1:] if start == "first" else gaps  # `first`: the EMA starts at s_1
+    if len(set(counted)) == 1:
+        mu_e = effective_mu(mu, counted[0])
+        coefs = [mu_e * (1.0 - mu_e) ** (T - t) for t in range(1, T + 1)]
+        if start == "first":
+            coefs[0] = (1.0 - mu_e) ** (T - 1)
+        return coefs
+    # Π_{k>t}(1 − μe_k) = (1 − μ)^(s_T − s_t): one power, no 1 − (1 − x) cancellation
+    kept = [(1.0 - mu) ** (steps[-1] - s) for s in steps]
+    coefs = [effective_mu(mu, g) * k for g, k in zip(gaps, kept, strict=True)]
     if start == "first":
-        coefs[0] = (1.0 - mu_e) ** (T - 1)
+        coefs[0] = kept[0]
     return coefs
+
+
+def step_gaps(steps: Sequence[int]) -> list[int]:
+    """s_t − s_{t−1} with s_0 = 0 (θ_init); the steps must strictly increase from 1."""
+    gaps = [b - a for a, b in zip([0, *steps[:-1]], steps, strict=True)]
+    if any(g < 1 for g in gaps):
+        raise ValueError(f"steps must strictly increase from 1 (got {list(steps)})")
+    return gaps
 
 
 @dataclass(frozen=True)

@@ -218,13 +218,12 @@ def plan_merge(config: WarpConfig, inputs: Inputs, machine: Machine, *,
         for g in groups for t in g.tensors
     ]
     ema = config.ema
-    sizes = [len(run) for run in inputs.runs]
     return Plan(
         config=config, inputs=inputs, run_names=tuple(config.run_names),
-        contributions=tuple(tuple(ema_coefficients(n, ema.mu, ema.every, ema.start, ema.use))
-                            for n in sizes),
-        ema_weights=tuple(tuple(ema_coefficients(n, ema.mu, ema.every, ema.start))
-                          for n in sizes),
+        contributions=tuple(tuple(ema_coefficients(len(s), ema.mu, 1, ema.start, ema.use, s))
+                            for s in inputs.steps),
+        ema_weights=tuple(tuple(ema_coefficients(len(s), ema.mu, 1, ema.start, steps=s))
+                          for s in inputs.steps),
         groups=groups, layout=plan_shards(out_tensors, config.output.shard_size),
         output_root=config.output_root(out), output_dirs=tuple(config.output_dirs(out)),
         etas=tuple(config.liti.eta),

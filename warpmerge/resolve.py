@@ -8,10 +8,12 @@ planner decides from without touching a disk.
 
 from __future__ import annotations
 
+import glob
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import WarpConfig
+from .config import GLOB_CHARS, HF_PREFIX, CheckpointSpec, HubHistory, WarpConfig, natural_key
 from .errors import ConfigError, InputError
 from .modelfolder import (
     DTYPE_CODES,
@@ -21,6 +23,10 @@ from .modelfolder import (
     open_checkpoint,
     read_model_config,
 )
+from .steps import run_steps
+
+if TYPE_CHECKING:
+    from . import hub
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,7 @@ class Inputs:
 
     init: Checkpoint
     runs: list[list[Checkpoint]]  # each run's checkpoints, oldest first
+    steps: list[list[int]]  # each checkpoint's step as the EMA counts it (real with every: auto)
     model_config: dict | None  # the init's config.json
     license: str | None  # the init's license (its card's metadata), for the output's card
 
@@ -46,16 +53,20 @@ def resolve_inputs(config: WarpConfig, out: Path | None = None, *, force: bool =
     """Open the init and every checkpoint, check each against the init, and check that the
     output folders may be written. Raises before anything is written."""
     root = config.output_root(out)  # a missing output.path is reported before any download
-    init = locate(config.init, config.base_dir, "init", progress, dry_run)
-    runs = [
-        [locate(ref, config.base_dir, f"{name} checkpoint {t + 1} ({Path(ref).name})",
-                progress, dry_run)
-         for t, ref in enumerate(config.checkpoint_refs(i))]
-        for i, name in enumerate(config.run_names)
-    ]
-    from .hub import read_license
+    from .hub import checkpoint_name, expand_checkpoints, read_license
 
-    inputs = Inputs(init, runs, read_model_config(init), read_license(init.path))
+    init = locate(config.init, config.base_dir, "init", progress, dry_run)
+    runs: list[list[Checkpoint]] = []
+    steps: list[list[int]] = []
+    for i, name in enumerate(config.run_names):
+        refs = expand_checkpoints(checkpoint_refs(config, i))
+        runs.append([
+            locate(ref, config.base_dir, f"{name} checkpoint {t + 1} ({checkpoint_name(ref)})",
+                   progress, dry_run)
+            for t, ref in enumerate(refs)
+        ])
+        steps.append(run_steps(runs[-1], refs, config.ema.every))
+    inputs = Inputs(init, runs, steps, read_model_config(init), read_license(init.path))
     names = list(init.tensors)
     for ckpt in inputs.all[1:]:
         check_compatible(init, ckpt, names)
@@ -115,32 +126,62 @@ def _hub_ref(ref: str, label: str) -> tuple[str, str | None]:
 
 def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
     """The local folder of a model named by a path or a Hub repo id (downloaded if needed)."""
+    from . import hub
+
+    if ref.startswith(hub.HF_PREFIX):
+        return hub.fetch_checkpoint(hub.hub_model(ref), model_files=True, progress=progress).path
     local = _local_path(ref, base_dir)
     if local is not None:
         return local
-    from . import hub
-
     return hub.fetch_model(*_hub_ref(ref, ref), progress=progress).path
 
 
-def locate(ref: str, base_dir: Path, label: str, progress: bool = True,
+def locate(ref: str | hub.HubCheckpoint, base_dir: Path, label: str, progress: bool = True,
            dry_run: bool = False) -> Checkpoint:
-    """Open a model named by a local path or a Hub repo id; a local folder of that name wins."""
-    local = _local_path(ref, base_dir)
-    if local is not None:
-        return open_checkpoint(local, label, ref)
+    """Open a model named by a local path, a Hub repo id or `hf://` path, or a resolved Hub
+    checkpoint; a local folder of a repo id's name wins."""
     from . import hub
 
-    model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
-    remote = None
-    if dry_run:  # weights not downloaded: read their headers over HTTP ranges
-        missing = [f for f in model.weight_files if not (model.path / f).exists()]
-        raw = hub.remote_header_bytes(model.repo_id, model.commit, missing) if missing else {}
-        remote = {name: (data, model.files[name]) for name, data in raw.items()}
-    ckpt = open_checkpoint(model.path, label, ref, trust_links=True, remote=remote)
+    if isinstance(ref, str) and ref.startswith(hub.HF_PREFIX):
+        ref = hub.hub_model(ref)
+    if isinstance(ref, hub.HubCheckpoint):
+        model = hub.fetch_checkpoint(ref, model_files=label == "init", progress=progress,
+                                     dry_run=dry_run)
+        shown = ref.ref
+    else:
+        local = _local_path(ref, base_dir)
+        if local is not None:
+            return open_checkpoint(local, label, ref)
+        model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
+        shown = ref
+    remote = hub.remote_weight_headers(model) if dry_run else None
+    ckpt = open_checkpoint(model.path, label, shown, trust_links=True, remote=remote)
     ckpt.repo_id, ckpt.revision, ckpt.commit = model.repo_id, model.revision, model.commit
     ckpt.download_bytes = model.download_bytes
     return ckpt
+
+
+def checkpoint_refs(config: WarpConfig, index: int) -> list[CheckpointSpec]:
+    """The checkpoints of run `index`: local globs expanded and naturally sorted.
+
+    Hub entries (`hf://...`, `hub_history`) come back as written: listing a repo is the Hub's
+    I/O, done by `warpmerge.hub.expand_checkpoints`.
+    """
+    spec = config.runs[index].checkpoints
+    refs = [spec] if isinstance(spec, str | HubHistory) else list(spec)
+    out: list[CheckpointSpec] = []
+    for ref in refs:
+        if isinstance(ref, str) and GLOB_CHARS.search(ref) and not ref.startswith(HF_PREFIX):
+            pattern = str(config.resolve_path(ref))
+            found = (m for m in glob.glob(pattern) if Path(m).is_dir())
+            matches = sorted(found, key=natural_key)
+            if not matches:
+                raise ConfigError(
+                    f"{config.run_names[index]}: checkpoint glob '{ref}' matches no folder")
+            out.extend(matches)
+        else:
+            out.append(ref)
+    return out
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
