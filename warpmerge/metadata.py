@@ -39,9 +39,10 @@ def build_provenance(plan: Plan, groups: list[dict[str, Any]]) -> dict[str, Any]
         "config": plan.config.to_dict(),
         "inputs": inputs,
         "runs": [
-            {"name": n, "weight": p.weight, "checkpoints": len(r), "ema_coefficients": a}
-            for n, p, r, a in zip(plan.run_names, plan.config.runs, plan.runs,
-                                  plan.contributions, strict=True)
+            {"name": n, "weight": p.weight, "checkpoints": len(r), "steps": s,
+             "ema_coefficients": list(a)}
+            for n, p, r, s, a in zip(plan.run_names, plan.config.runs, plan.runs,
+                                     plan.inputs.steps, plan.contributions, strict=True)
         ],
         "groups": groups,
         "check": None,
