@@ -156,6 +156,7 @@ def test_version_and_usage_errors(monkeypatch, capsys):
     assert code == 2 and "config file not found: missing.yaml" in err
 
 
+@pytest.mark.slow
 def test_demo_runs_offline(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "-q"], monkeypatch, capsys)
     assert code == 0, err
@@ -163,6 +164,7 @@ def test_demo_runs_offline(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "merged" / "eta-0.3" / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.slow
 def test_process_entry_point_matches_in_process(setup, monkeypatch, capsys):
     """`python -m warpmerge` ends without the interpreter's teardown (cli.entry): its exit
     codes, its lines and its files must be those of main() run in-process."""

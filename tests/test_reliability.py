@@ -639,6 +639,7 @@ def test_free_space_checked_on_the_disk_of_ema_save(setup, monkeypatch, capsys):
 
 # --- determinism ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_bit_identical_across_threads_chunks_and_memory(tmp_path, monkeypatch, capsys):
     """Through the CLI, bfloat16 output, saved EMAs, two etas, tensors of 262,144 and 300,000
     elements (neither a multiple of every chunk size), cached and uncached passes."""
