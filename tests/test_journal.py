@@ -77,7 +77,10 @@ def test_only_shards_unchanged_on_disk_are_verified(tmp_path):
         index, _, rel = key.partition("/")
         (roots[int(index)] / rel).write_bytes(data)
         j.shards[key] = (len(data), zlib.crc32(data))
-    (roots[0] / "eta-1/b.safetensors").write_bytes(b"b" * 99)  # changed size
+    # changed size, same CRC-32 (two strings that collide)
+    assert zlib.crc32(b"86821") == zlib.crc32(b"14740600")
+    (roots[0] / "eta-1/b.safetensors").write_bytes(b"14740600")
+    j.shards["0/eta-1/b.safetensors"] = (5, zlib.crc32(b"86821"))
     (roots[0] / "eta-1/c.safetensors").write_bytes(b"c" * 99 + b"C")  # same size, changed CRC
     j.shards["0/gone.safetensors"] = (5, 0)  # no longer on disk
     j.shards["2/x.safetensors"] = (5, 0)  # a root this run does not have
