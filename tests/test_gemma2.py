@@ -193,6 +193,7 @@ def test_fixture_matches_local_transformers(
 # ---- random shapes against transformers ----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_random_models_match_transformers(tmp_path: Path, case: Case) -> None:
     folder = make_checkpoint(tmp_path / case.name, case)
@@ -293,6 +294,7 @@ def greedy_without_cache(model: Gemma2, ids: torch.Tensor, steps: int) -> torch.
     return ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_generation_equals_recomputation(dtype: torch.dtype) -> None:
     model = Gemma2.from_pretrained(FIXTURE, dtype=dtype)  # window 6, so 20 steps slide
@@ -315,6 +317,7 @@ def test_cache_logits_match_full_forward() -> None:
     assert (torch.cat(parts, dim=1) - full).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_generation_stops_and_samples() -> None:
     model = Gemma2.from_pretrained(FIXTURE)
     prompt = random_ids(320, batch=1, length=6, seed=3)[0]

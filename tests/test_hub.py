@@ -281,6 +281,7 @@ def test_download_errors_are_one_actionable_line(
     assert wh.fetch_model("alice/secret", None, progress=False).weight_files
 
 
+@pytest.mark.slow
 def test_a_fresh_process_takes_everything_from_the_environment(
     hub: FakeHub, sharded: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -613,6 +614,7 @@ def test_live_hub_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         api.delete_repo(repo_id, missing_ok=True)
 
 
+@pytest.mark.slow
 def test_cli_check_accepts_repo_ids(
     hub: FakeHub, warp_setup: dict[str, Path], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, capsys
