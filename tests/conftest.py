@@ -124,6 +124,38 @@ def setup(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def assert_one_line_error(err: str, *expected: str) -> None:
+    """The contract for user errors: one line on stderr, naming the culprit, no traceback."""
+    assert err.startswith("error: "), err
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, (text, err)
+
+
+def edit_yaml(old: str, new: str):
+    """A change to `setup`'s warp.yaml: the first `old` becomes `new`."""
+    def apply(root: Path) -> None:
+        path = root / "warp.yaml"
+        text = path.read_text()
+        assert old in text, old
+        path.write_text(text.replace(old, new, 1))
+    return apply
+
+
+def edit_model(folder: str, change):
+    """A change to the tensors of `setup`'s model in `folder`, saved back."""
+    def apply(root: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = root / folder / "model.safetensors"
+        tensors = load_file(str(path))
+        change(tensors)
+        path.unlink()
+        write_model(root / folder, tensors)
+    return apply
+
+
 def write_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     """A word-level tokenizer whose special tokens sit at Gemma's ids."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers

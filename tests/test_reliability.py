@@ -27,7 +27,10 @@ import pytest
 import torch
 from conftest import (
     OLD_NS,
+    assert_one_line_error,
     assert_same_model,
+    edit_model,
+    edit_yaml,
     journaled_shards,
     load_model,
     n_shards,
@@ -42,7 +45,6 @@ from conftest import (
     wait_for,
     write_model,
 )
-from safetensors.torch import load_file
 
 PARTIAL = ".*warpmerge-partial"
 
@@ -61,33 +63,6 @@ def tree(root: Path) -> list[tuple[str, int]]:
 def leftovers(root: Path) -> list[str]:
     return [p.relative_to(root).as_posix() for p in root.rglob(PARTIAL)] + [
         p.relative_to(root).as_posix() for p in root.rglob("*.warpmerge-old")]
-
-
-def assert_one_line_error(err: str, *expected: str) -> None:
-    assert err.startswith("error: "), err
-    assert err.count("\n") == 1 and err.endswith("\n"), err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in err, (text, err)
-
-
-def edit_yaml(old: str, new: str):
-    def apply(root: Path) -> None:
-        path = root / "warp.yaml"
-        text = path.read_text()
-        assert old in text, old
-        path.write_text(text.replace(old, new, 1))
-    return apply
-
-
-def edit_model(folder: str, change):
-    def apply(root: Path) -> None:
-        path = root / folder / "model.safetensors"
-        tensors = load_file(str(path))
-        change(tensors)
-        path.unlink()
-        write_model(root / folder, tensors)
-    return apply
 
 
 def all_models(change):
