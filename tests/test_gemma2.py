@@ -181,6 +181,7 @@ def test_fixture_bfloat16(reference: dict[str, torch.Tensor]) -> None:
     assert (diff > 2e-2).float().mean() <= 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fixture_matches_local_transformers(
     reference: dict[str, torch.Tensor], dtype: torch.dtype
@@ -336,6 +337,7 @@ def test_generation_stops_and_samples() -> None:
     assert torch.equal(draws[0], draws[1])
 
 
+@pytest.mark.slow
 def test_generation_matches_transformers(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path / "m", Case("gen", window=3))
     prompt = random_ids(128, batch=1, length=4, seed=4)
