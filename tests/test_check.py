@@ -47,6 +47,7 @@ def test_builtin_sequences_are_fixed() -> None:
     assert seqs[0][:4] == [2, 191, 281, 84]  # any change would make old reports incomparable
 
 
+@pytest.mark.slow
 def test_model_against_itself() -> None:
     report = check_models(FIXTURE, [FIXTURE], progress=False)
     (same,) = report.against
@@ -56,6 +57,7 @@ def test_model_against_itself() -> None:
     assert report.num_targets == CHECK_SEQUENCES * (CHECK_LENGTH - 1)
 
 
+@pytest.mark.slow
 def test_kl_against_perturbed_copy_matches_independent_computation(tmp_path: Path) -> None:
     """Recompute every number with transformers' Gemma 2 and plain formulas."""
     transformers = pytest.importorskip("transformers")
@@ -86,6 +88,7 @@ def test_kl_against_perturbed_copy_matches_independent_computation(tmp_path: Pat
     assert init.nll == pytest.approx(nll(lp_a), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_check_runs(tmp_path: Path) -> None:
     merged = perturbed_copy(tmp_path / "merged")
     fp32 = check_models(merged, [FIXTURE], progress=False)
@@ -94,6 +97,7 @@ def test_bfloat16_check_runs(tmp_path: Path) -> None:
     assert bf16.against[0].kl == pytest.approx(fp32.against[0].kl, rel=0.2)
 
 
+@pytest.mark.slow
 def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     merged = perturbed_copy(tmp_path / "merged")
     check_command(str(merged), [str(FIXTURE)], "float32", True, None, True)
@@ -108,6 +112,7 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert init["kl"] > 0 and 0 <= init["top1_agreement"] <= 1
 
 
+@pytest.mark.slow
 def test_table_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     merged = perturbed_copy(tmp_path / "merged")
     check_command(str(merged), [str(FIXTURE)], "bf16", False, None, True)
@@ -116,6 +121,7 @@ def test_table_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert str(FIXTURE) in out
 
 
+@pytest.mark.slow
 def test_prompts_give_continuations(tmp_path: Path) -> None:
     model = perturbed_copy(tmp_path / "merged")
     write_tokenizer(model)

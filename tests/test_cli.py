@@ -8,27 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_model, run_cli, write_model
-
-
-def edit_yaml(old: str, new: str):
-    def apply(root: Path) -> None:
-        path = root / "warp.yaml"
-        text = path.read_text()
-        assert old in text
-        path.write_text(text.replace(old, new))
-    return apply
-
-
-def edit_model(folder: str, change):
-    def apply(root: Path) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(root / folder / "model.safetensors"))
-        change(tensors)
-        (root / folder / "model.safetensors").unlink()
-        write_model(root / folder, tensors)
-    return apply
+from conftest import assert_one_line_error, edit_model, edit_yaml, random_model, run_cli
 
 
 def reshape(t):
@@ -116,8 +96,7 @@ def test_bad_input_exits_2_naming_the_culprit(setup, case, monkeypatch, capsys):
     before = sorted(p.relative_to(setup) for p in setup.rglob("*"))
     code, out, err = run_cli(["run", str(setup / "warp.yaml")], monkeypatch, capsys)
     assert code == 2, err
-    assert expected in err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert_one_line_error(err, expected)
     after = sorted(p.relative_to(setup) for p in setup.rglob("*"))
     assert after == before  # nothing written, nothing half-written
 
@@ -156,6 +135,7 @@ def test_version_and_usage_errors(monkeypatch, capsys):
     assert code == 2 and "config file not found: missing.yaml" in err
 
 
+@pytest.mark.slow
 def test_demo_runs_offline(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "-q"], monkeypatch, capsys)
     assert code == 0, err
@@ -163,6 +143,7 @@ def test_demo_runs_offline(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "demo" / "merged" / "eta-0.3" / "model.safetensors.index.json").exists()
 
 
+@pytest.mark.slow
 def test_process_entry_point_matches_in_process(setup, monkeypatch, capsys):
     """`python -m warpmerge` ends without the interpreter's teardown (cli.entry): its exit
     codes, its lines and its files must be those of main() run in-process."""

@@ -114,6 +114,7 @@ config_dicts = section({
 }, required=("init", "policies"))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(config_dicts)
 @example({"init": "i", "policies": [{"checkpoints": "r/*"}]})
@@ -136,6 +137,7 @@ yaml_junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                          | st.dictionaries(yaml_keys, inner, max_size=3), max_leaves=8)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(config_dicts | st.dictionaries(yaml_keys, yaml_junk, max_size=4) | yaml_junk)
 def test_config_yaml_files_raise_only_config_error(tmp_path_factory, data):
@@ -182,6 +184,7 @@ def yaml_texts(draw):
     return text
 
 
+@pytest.mark.slow
 @FUZZ
 @given(yaml_texts())
 @example(GOOD_YAML)
@@ -299,6 +302,7 @@ def byte_mutations(draw):
     return bytes(data)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(byte_mutations())
 def test_mutated_safetensors_bytes(folder, data):
@@ -367,6 +371,7 @@ def header_mutations(draw, dtype_values=dtypes):
     return struct.pack("<Q", max(n, 0)) + body + data
 
 
+@pytest.mark.slow
 @FUZZ
 @given(header_mutations())
 def test_mutated_safetensors_headers(folder, data):
@@ -374,6 +379,7 @@ def test_mutated_safetensors_headers(folder, data):
     check_open(folder)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.dictionaries(st.text(max_size=6), json_values, max_size=4)
        | st.dictionaries(st.text(max_size=6), st.fixed_dictionaries(
@@ -449,6 +455,7 @@ def write_index(folder: Path, doc) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(doc))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(index_documents())
 @example({"weight_map": {"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors"}})
@@ -461,6 +468,7 @@ def test_index_files(sharded, doc):
     check_open(sharded)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_index_bytes(sharded, data):

@@ -181,6 +181,7 @@ def test_fixture_bfloat16(reference: dict[str, torch.Tensor]) -> None:
     assert (diff > 2e-2).float().mean() <= 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fixture_matches_local_transformers(
     reference: dict[str, torch.Tensor], dtype: torch.dtype
@@ -193,6 +194,7 @@ def test_fixture_matches_local_transformers(
 # ---- random shapes against transformers ----------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_random_models_match_transformers(tmp_path: Path, case: Case) -> None:
     folder = make_checkpoint(tmp_path / case.name, case)
@@ -293,6 +295,7 @@ def greedy_without_cache(model: Gemma2, ids: torch.Tensor, steps: int) -> torch.
     return ids
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cached_generation_equals_recomputation(dtype: torch.dtype) -> None:
     model = Gemma2.from_pretrained(FIXTURE, dtype=dtype)  # window 6, so 20 steps slide
@@ -315,6 +318,7 @@ def test_cache_logits_match_full_forward() -> None:
     assert (torch.cat(parts, dim=1) - full).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_generation_stops_and_samples() -> None:
     model = Gemma2.from_pretrained(FIXTURE)
     prompt = random_ids(320, batch=1, length=6, seed=3)[0]
@@ -333,6 +337,7 @@ def test_generation_stops_and_samples() -> None:
     assert torch.equal(draws[0], draws[1])
 
 
+@pytest.mark.slow
 def test_generation_matches_transformers(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path / "m", Case("gen", window=3))
     prompt = random_ids(128, batch=1, length=4, seed=4)

@@ -304,6 +304,7 @@ def test_download_errors_are_one_actionable_line(
     assert wh.fetch_model("alice/secret", None, progress=False).weight_files
 
 
+@pytest.mark.slow
 def test_a_fresh_process_takes_everything_from_the_environment(
     hub: FakeHub, sharded: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

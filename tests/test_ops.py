@@ -29,12 +29,12 @@ def test_ema_worked_vector():
     init = torch.tensor(0.0, dtype=torch.float64)
     ckpts = [torch.tensor(float(v), dtype=torch.float64) for v in (1, 2, 3)]
     got = [warpmerge.ema(ckpts[:t], init, mu=0.5, every=1).item() for t in (1, 2, 3)]
-    # a run of one checkpoint contributes the checkpoint itself, so compare the coefficients too
-    assert got[2] == pytest.approx(2.125)
+    # the spec's 0.5, 1.25, 2.125, except that a run of one checkpoint contributes the
+    # checkpoint itself (spec, stage 1)
+    assert got == pytest.approx([1.0, 1.25, 2.125], abs=1e-12)
     coefs = ema_coefficients(3, 0.5, 1)
-    assert sum(a * v for a, v in zip(coefs, (1, 2, 3), strict=True)) == pytest.approx(2.125)
-    coefs2 = ema_coefficients(2, 0.5, 1)
-    assert sum(a * v for a, v in zip(coefs2, (1, 2), strict=True)) == pytest.approx(1.25)
+    assert coefs == pytest.approx([0.125, 0.25, 0.5], abs=1e-12)
+    assert ema_coefficients(2, 0.5, 1) == pytest.approx([0.25, 0.5], abs=1e-12)
 
 
 def test_effective_mu():

@@ -97,6 +97,7 @@ def test_single_shard_and_metadata_files(tmp_path):
     assert not list(tmp_path.glob(".*warpmerge-partial"))
 
 
+@pytest.mark.slow
 def test_check_section_adds_figures_to_provenance_and_card(tmp_path):
     """`check: {}` runs the bundled Gemma 2 check on the result against the init and runs."""
     init = random_model(0)
