@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from warpmerge.plan import group_key, make_groups
-from warpmerge.sources import TensorInfo
+from warpmerge.modelfolder import TensorInfo
+from warpmerge.planner import group_key, make_groups
 
 NAMES = [
     "model.embed_tokens.weight",

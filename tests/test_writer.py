@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from warpmerge.writer import OutTensor, ShardedWriter, encode_header, plan_shards, shard_names
+from warpmerge.shards import OutTensor, encode_header, plan_shards, shard_names
+from warpmerge.writer import ShardedWriter
 
 
 def out(name: str, nbytes: int) -> OutTensor:
@@ -21,7 +22,7 @@ def out(name: str, nbytes: int) -> OutTensor:
 
 
 def layout(tensors: list[OutTensor], max_bytes: int) -> list[list[str]]:
-    return [[t.name for t in shard] for shard in plan_shards(tensors, max_bytes)]
+    return [[t.name for t in shard] for shard in plan_shards(tensors, max_bytes).shards]
 
 
 def test_shards_fill_greedily_in_write_order():
@@ -92,10 +93,10 @@ def write(folder: Path, tensors: dict[str, torch.Tensor], max_bytes: int,
           done: frozenset[int] = frozenset()) -> list[tuple[str, int, int]]:
     """Stream `tensors` through a ShardedWriter; (file, size, crc) of each shard it reports."""
     reported = []
-    w = ShardedWriter(folder, specs(tensors), max_bytes, done=done,
+    w = ShardedWriter(folder, plan_shards(specs(tensors), max_bytes), done=done,
                       on_shard=lambda p, size, crc: reported.append((p.name, size, crc)))
     for name, t in tensors.items():
-        if w.shard_by_name[name] in done:
+        if w.layout.shard_of[name] in done:
             w.skip_tensor(name)
             continue
         w.begin_tensor(name)
@@ -142,7 +143,7 @@ def test_finished_shards_are_neither_opened_nor_reported(tmp_path):
 
 
 def test_writer_refuses_tensors_out_of_order_or_too_long(tmp_path):
-    w = ShardedWriter(tmp_path, specs(TENSORS), 42)
+    w = ShardedWriter(tmp_path, plan_shards(specs(TENSORS), 42))
     with pytest.raises(RuntimeError, match="expected model.embed.weight"):
         w.begin_tensor("model.scale")
     w.begin_tensor("model.embed.weight")

@@ -62,9 +62,11 @@ class Journal:
             try:
                 entry = json.loads(line)
             except ValueError:
+                if i == 0:  # no fingerprint: this journal could be any merge's
+                    return None
                 continue  # the last line, cut short by a kill
             if i == 0:
-                if entry.get("fingerprint") != expected:
+                if not isinstance(entry, dict) or entry.get("fingerprint") != expected:
                     return None
             elif entry.get("kind") == "shard":
                 journal.shards[entry["path"]] = (entry["size"], entry["crc32"])

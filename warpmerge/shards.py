@@ -39,7 +39,7 @@ class ShardLayout:
 
     @cached_property
     def names(self) -> tuple[str, ...]:
-        return shard_names(len(self.shards))
+        return tuple(shard_names(len(self.shards)))
 
     @cached_property
     def tensors(self) -> tuple[OutTensor, ...]:
@@ -78,10 +78,10 @@ def plan_shards(tensors: list[OutTensor], max_bytes: int) -> ShardLayout:
     return ShardLayout(tuple(tuple(s) for s in shards))
 
 
-def shard_names(n: int) -> tuple[str, ...]:
+def shard_names(n: int) -> list[str]:
     if n == 1:
-        return (SINGLE_FILE,)
-    return tuple(f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1))
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
 def encode_header(tensors: tuple[OutTensor, ...] | list[OutTensor]) -> bytes:
