@@ -38,59 +38,48 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if (REPO / "warpmerge" / "__init__.py").is_file() and str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # measure this checkout, whatever else is pip-installed
 
-import reference  # noqa: E402  (benchmarks/, on sys.path as the script's folder)
+# benchmarks/ is on sys.path as the script's own folder
+import measure  # noqa: E402
+import reference  # noqa: E402
+from measure import (  # noqa: E402
+    BenchError,
+    Measure,
+    alternate,
+    clear,
+    drop_caches,
+    run_measured,
+    sub_env,
+    summarize,
+)
+from setups import (  # noqa: E402
+    EVERY,
+    LORA_RANK,
+    SIZES,
+    Setup,
+    disk_too_small,
+    ensure_setup,
+    generate_lora,
+    input_bytes,
+    lora_dirs,
+    make_setup,
+)
 
-from warpmerge.demo import DEMO_CONFIG, gemma2_shapes  # noqa: E402
 from warpmerge.sources import open_checkpoint  # noqa: E402  (moving to warpmerge.modelfolder)
-from warpmerge.writer import OutTensor, ShardedWriter  # noqa: E402
 
-MU, EVERY, ETA = 0.01, 100, 0.3
-SHARD_BYTES = 100 * 10**6  # input shards: at most 100 MB, as the Hub's smaller models
-BLOCK = 1 << 25  # a tensor is generated in row blocks of at most this many elements
-SAMPLE_S = 0.01  # RssAnon sampling interval
-RESCAN_EVERY = 5  # look for new child processes every this many samples
-TIMEOUT_S = 900.0  # per command; a merge running longer is taken for a hang (--timeout)
-
-# the demo's Gemma 2 config at the issue's benchmark size
-BASE_CONFIG = dict(DEMO_CONFIG, vocab_size=32000, hidden_size=1024, intermediate_size=4096,
-                   num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                   head_dim=128, query_pre_attn_scalar=128, sliding_window=4096,
-                   max_position_embeddings=8192)
-
-# name -> (config overrides, runs, checkpoints per run)
-SIZES: dict[str, tuple[dict, int, int]] = {
-    "tiny": ({"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024,
-              "num_hidden_layers": 2}, 2, 3),
-    "small": ({"num_hidden_layers": 2}, 2, 3),
-    "default": ({}, 2, 3),
-    "large": ({"num_hidden_layers": 24}, 2, 3),
-    "xlarge": ({"num_hidden_layers": 40}, 2, 3),
-    # the memory goal: a 512 MiB bf16 embedding, 5 inputs, two eta values
-    "mem512": ({"vocab_size": 262144, "num_hidden_layers": 2}, 2, 2),
-    # Gemma-2-2B's shapes: 2.61B parameters, 5.2 GB per model, 36.6 GB for 7 inputs
-    "2b": ({"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
-            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-            "head_dim": 256, "query_pre_attn_scalar": 256}, 2, 3),
-}
+MU, ETA = 0.01, 0.3  # EMA rate (checkpoints setups.EVERY steps apart) and LITI's eta
 METHODS = ("warpmerge", "warpmerge-layer", "mergekit", "floor", "floor-fastexit")
-DISK_MARGIN = 5 * 10**9  # free bytes left over after a setup and its outputs, or it is skipped
 
 # The I/O floor: start Python and torch, read every tensor of every input once with safetensors,
 # write one model of the output's size (the init's bytes) and fsync it, as warpmerge does.
@@ -137,241 +126,6 @@ with open(out_path, "wb", buffering=0) as f:
 FLOOR_FASTEXIT_SCRIPT = FLOOR_SCRIPT + "sys.stdout.flush()\nos._exit(0)\n"
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-# --- setup generation ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Setup:
-    name: str
-    cfg: dict
-    runs: int
-    checkpoints: int
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        text = json.dumps([self.cfg, self.runs, self.checkpoints, self.seed, 2], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-    @property
-    def run_names(self) -> list[str]:
-        return [f"run-{chr(ord('a') + r)}" for r in range(self.runs)]
-
-    @property
-    def steps(self) -> list[int]:
-        return [(t + 1) * EVERY for t in range(self.checkpoints)]
-
-    def checkpoint_dirs(self, root: Path) -> list[list[Path]]:
-        return [[root / run / f"step-{s}" for s in self.steps] for run in self.run_names]
-
-    def input_dirs(self, root: Path) -> list[Path]:
-        return [root / "init"] + [c for run in self.checkpoint_dirs(root) for c in run]
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return gemma2_shapes(self.cfg)
-
-    @property
-    def params(self) -> int:
-        return sum(math.prod(s) for s in self.shapes().values())
-
-    @property
-    def n_inputs(self) -> int:
-        return 1 + self.runs * self.checkpoints
-
-    @property
-    def disk_bytes(self) -> int:
-        return 2 * self.params * self.n_inputs
-
-
-def make_setup(name: str) -> Setup:
-    if name not in SIZES:
-        raise BenchError(f"unknown size {name!r} (known: {', '.join(SIZES)})")
-    overrides, runs, ckpts = SIZES[name]
-    return Setup(name, {**BASE_CONFIG, **overrides}, runs, ckpts)
-
-
-def _rng(*parts: object) -> np.random.Generator:
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
-
-
-def _uniform(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Unit-variance uniform noise in float32 (several times faster than normal draws)."""
-    x = rng.random(n, dtype=np.float32)
-    x -= 0.5
-    x *= math.sqrt(12.0)
-    return x
-
-
-def _bf16(x: np.ndarray):
-    import torch
-
-    return torch.from_numpy(x).to(torch.bfloat16)
-
-
-def generate(setup: Setup, root: Path, log: bool = True) -> None:
-    """Write the init and every checkpoint as sharded bf16 safetensors, block by block.
-
-    Each run drifts from the init by small steps along its own random direction plus a shared
-    one, so task vectors are far from collinear (as in real RL runs). Every block of rows has
-    its own seeded generator, so the data does not depend on the sharding, and memory stays at
-    a few blocks whatever the model (a 2B model's embedding is 590M elements).
-    """
-    import torch
-
-    shapes = setup.shapes()
-    plan = [OutTensor(n, torch.bfloat16, s) for n, s in shapes.items()]
-    partial = root.with_name(root.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    pdirs = setup.input_dirs(partial)
-    writers = []
-    for d in pdirs:
-        d.mkdir(parents=True)
-        writers.append(ShardedWriter(d, plan, SHARD_BYTES))
-    t0 = time.perf_counter()
-    for name, shape in shapes.items():
-        for w in writers:
-            w.begin_tensor(name)
-        scale = 0.1 if len(shape) == 1 else shape[-1] ** -0.5
-        row = math.prod(shape[1:])
-        rows_per_block = max(1, BLOCK // row)
-        for b, first in enumerate(range(0, shape[0], rows_per_block)):
-            n = (min(shape[0], first + rows_per_block) - first) * row
-            rng = _rng(setup.seed, name, *([b] if b else []))
-            init = _uniform(rng, n)
-            init *= scale
-            common = _uniform(rng, n)
-            common *= 0.3
-            writers[0].write(_bf16(init))
-            k = 1
-            for _ in range(setup.runs):
-                cur = init.copy()
-                for _ in range(setup.checkpoints):
-                    step = _uniform(rng, n)
-                    step += common
-                    step *= 0.02 * scale
-                    cur += step
-                    writers[k].write(_bf16(cur))
-                    k += 1
-            del init, common, cur, step
-    for w, d in zip(writers, pdirs, strict=True):
-        w.finish()
-        (d / "config.json").write_text(json.dumps(setup.cfg, indent=2) + "\n")
-    os.sync()
-    info = {**asdict(setup), "params": setup.params,
-            "inputs": [str(p) for p in setup.input_dirs(root)],
-            "seconds": round(time.perf_counter() - t0, 1)}
-    (partial / "setup.json").write_text(json.dumps(info, indent=2) + "\n")
-    if root.exists():
-        shutil.rmtree(root)
-    partial.rename(root)
-    if log:
-        print(f"  generated {setup.name} in {info['seconds']} s", flush=True)
-
-
-def setup_root(setup: Setup, workdir: Path) -> Path:
-    return workdir / "setups" / f"{setup.name}-{setup.key}"
-
-
-def ensure_setup(setup: Setup, workdir: Path) -> Path:
-    root = setup_root(setup, workdir)
-    if not (root / "setup.json").exists():
-        print(f"Generating the {setup.name} setup ({setup.params / 1e6:.0f}M parameters x "
-              f"{setup.n_inputs} inputs, {setup.disk_bytes / 1e9:.1f} GB) in {root} ...",
-              flush=True)
-        generate(setup, root)
-    return root
-
-
-def disk_too_small(setup: Setup, workdir: Path) -> str | None:
-    """Why this setup cannot be run in `workdir`, if it cannot: its inputs plus two outputs
-    (warpmerge's staging folder and the floor's file) and a margin must fit."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    cached = (setup_root(setup, workdir) / "setup.json").exists()
-    need = (0 if cached else setup.disk_bytes) + 2 * 2 * setup.params + DISK_MARGIN
-    free = shutil.disk_usage(workdir).free
-    if free < need:
-        return (f"needs {need / 1e9:.0f} GB free in {workdir} ({free / 1e9:.0f} GB free): "
-                "skipped (--workdir elsewhere?)")
-    return None
-
-
-def input_bytes(setup: Setup, root: Path) -> int:
-    return sum(f.stat().st_size for d in setup.input_dirs(root) for f in d.glob("*.safetensors"))
-
-
-# --- LoRA setup ------------------------------------------------------------------------------
-
-LORA_RANK, LORA_ALPHA = 16, 32
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-def adapter_config(init: Path) -> dict:
-    """adapter_config.json as PEFT (0.x) saves it for a plain LoRA on every projection."""
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(init),
-        "r": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.0, "bias": "none",
-        "target_modules": sorted(p.split(".")[1] for p in PROJECTIONS),
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
-        "layers_pattern": None, "revision": None,
-    }
-
-
-def lora_dirs(setup: Setup, root: Path) -> list[list[Path]]:
-    return [[root / run / f"checkpoint-{s}" for s in setup.steps] for run in setup.run_names]
-
-
-def generate_lora(setup: Setup, init: Path, root: Path) -> None:
-    """PEFT-style LoRA checkpoints (r 16, alpha 32, all 7 projections) of `setup`'s runs.
-
-    A and B are float32, as a LoRA trained in fp32 saves them (PEFT saves the adapter's own
-    dtype). B starts at zero in PEFT and grows as training goes; here each run's A and B drift
-    by random steps, so that ΔW = 2·B@A is of the size of the full setup's drift.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    shapes = setup.shapes()
-    partial = root.with_name(root.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    for r, run_dirs in enumerate(lora_dirs(setup, partial)):
-        a_cur: dict[str, np.ndarray] = {}
-        b_cur: dict[str, np.ndarray] = {}
-        for t, (d, step) in enumerate(zip(run_dirs, setup.steps, strict=True)):
-            tensors = {}
-            for layer in range(setup.cfg["num_hidden_layers"]):
-                for proj in PROJECTIONS:
-                    name = f"model.layers.{layer}.{proj}"
-                    out_f, in_f = shapes[name + ".weight"]
-                    rng = _rng(setup.seed, "lora", r, t, name)
-                    a_step = _uniform(rng, LORA_RANK * in_f) * in_f ** -0.5
-                    b_step = _uniform(rng, out_f * LORA_RANK) * 0.002
-                    a_cur[name] = a_cur[name] + 0.1 * a_step if name in a_cur else a_step
-                    b_cur[name] = b_cur.get(name, 0) + b_step
-                    key = f"base_model.model.{name}"
-                    tensors[key + ".lora_A.weight"] = torch.from_numpy(
-                        a_cur[name].reshape(LORA_RANK, in_f))
-                    tensors[key + ".lora_B.weight"] = torch.from_numpy(
-                        b_cur[name].reshape(out_f, LORA_RANK))
-            d.mkdir(parents=True)
-            save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-            (d / "adapter_config.json").write_text(json.dumps(adapter_config(init), indent=2))
-            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}) + "\n")
-    (partial / "setup.json").write_text(json.dumps({"init": str(init), "rank": LORA_RANK,
-                                                     "alpha": LORA_ALPHA}) + "\n")
-    if root.exists():
-        shutil.rmtree(root)
-    partial.rename(root)
-
-
 # Method (a)'s first step, as a plain script: one adapter checkpoint made into a full model.
 # ΔW = (alpha / r)·B @ A is added to the init in float32 and cast to the init's dtype; the
 # output has the init's shards, index and config, and is fsynced.
@@ -408,6 +162,35 @@ for name in files:
     os.fsync(fd)
     os.close(fd)
 """
+
+
+def source_fingerprint() -> str:
+    """Which warpmerge was measured: git commit, plus a hash of the package's sources."""
+    import warpmerge
+
+    pkg = Path(warpmerge.__file__).parent
+    print(f"warpmerge imported from {pkg}")
+    h = hashlib.sha256()
+    for f in sorted(pkg.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "."],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", ""
+    return f"{warpmerge.__version__} {commit}{'+dirty' if dirty else ''} src {h.hexdigest()[:12]}"
+
+
+def find_mergekit(arg: str | None) -> str | None:
+    if arg:
+        return arg if Path(arg).exists() or shutil.which(arg) else None
+    found = shutil.which("mergekit-yaml")
+    if found:
+        return found
+    venv = Path("/tmp/mk-venv/bin/mergekit-yaml")
+    return str(venv) if venv.exists() else None
 
 
 # --- configs -------------------------------------------------------------------------------
@@ -483,196 +266,6 @@ def mergekit_stages(setup: Setup, root: Path, cfg_dir: Path, out: Path, mk_dtype
     return stages
 
 
-# --- measuring -----------------------------------------------------------------------------
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class PeakSampler(threading.Thread):
-    """Samples the summed RssAnon of a process tree every 10 ms; keeps the maximum."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak = pid, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        pids, i = [self.pid], 0
-        while not self._stop_event.is_set():
-            if i % RESCAN_EVERY == 0:
-                pids = _descendants(self.pid)
-            self.peak = max(self.peak, sum(_rss_anon(p) for p in pids))
-            i += 1
-            self._stop_event.wait(SAMPLE_S)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return self.peak
-
-
-@dataclass
-class Measure:
-    seconds: float  # wall time
-    peak: int  # peak anonymous RSS (sampled)
-    cpu: float = 0.0  # user + system CPU seconds of the process and its children
-    load: float = 0.0  # the 1-minute load average when it ended (other jobs on the machine)
-    stages: list[float] = field(default_factory=list)
-
-
-def run_measured(stages: list[list[str]], log: Path, env: dict[str, str]) -> Measure:
-    """Run the commands one after the other; total wall time, the highest peak of any."""
-    total, peak, cpu, times = 0.0, 0, 0.0, []
-    with open(log, "ab") as logf:
-        for cmd in stages:
-            logf.write(f"\n$ {' '.join(cmd)}\n".encode())
-            logf.flush()
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env)
-            sampler = PeakSampler(proc.pid)
-            sampler.start()
-            try:
-                rc = proc.wait(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                sampler.stop()
-                raise BenchError(f"{' '.join(cmd[:4])} ... ran past {TIMEOUT_S} s (a hang?); "
-                                 f"killed; see {log}") from None
-            dt = time.perf_counter() - t0
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            peak = max(peak, sampler.stop())
-            if rc != 0:
-                raise BenchError(f"{Path(cmd[0]).name} exited with {rc}; see {log}")
-            times.append(dt)
-            total += dt
-    return Measure(total, peak, cpu, os.getloadavg()[0], times)
-
-
-def sub_env(threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if str(REPO) in sys.path:  # `python -m warpmerge` runs this checkout
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def source_fingerprint() -> str:
-    """Which warpmerge was measured: git commit, plus a hash of the package's sources."""
-    import warpmerge
-
-    pkg = Path(warpmerge.__file__).parent
-    print(f"warpmerge imported from {pkg}")
-    h = hashlib.sha256()
-    for f in sorted(pkg.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    try:
-        commit = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "."],
-                               capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", ""
-    return f"{warpmerge.__version__} {commit}{'+dirty' if dirty else ''} src {h.hexdigest()[:12]}"
-
-
-def find_mergekit(arg: str | None) -> str | None:
-    if arg:
-        return arg if Path(arg).exists() or shutil.which(arg) else None
-    found = shutil.which("mergekit-yaml")
-    if found:
-        return found
-    venv = Path("/tmp/mk-venv/bin/mergekit-yaml")
-    return str(venv) if venv.exists() else None
-
-
-def clear(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    inter = path.parent / (path.name + "-intermediate")
-    if inter.exists():
-        shutil.rmtree(inter)
-
-
-def drop_caches(folders: list[Path]) -> str:
-    """Evict the inputs from the page cache, so that the next command reads them from disk.
-
-    As root, `sync` and `echo 3 > /proc/sys/vm/drop_caches` (everything). Otherwise each file
-    under `folders` is advised out with posix_fadvise(DONTNEED), which drops its clean pages
-    and needs no privilege. Returns which way was used.
-    """
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        pass
-    for folder in folders:
-        for path in folder.rglob("*.safetensors"):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-    return "fadvise"
-
-
-def _alternate(methods: list[str], repeats: int):
-    """(repeat, method) in an order that rotates the methods from one repeat to the next."""
-    for r in range(repeats):
-        k = r % len(methods)
-        for m in methods[k:] + methods[:k]:
-            yield r, m
-
-
-def _summarize(results: dict[str, list[Measure]]) -> dict[str, dict]:
-    return {m: {
-        "seconds": statistics.median(x.seconds for x in rs),
-        "seconds_all": [round(x.seconds, 3) for x in rs],
-        "seconds_min": min(x.seconds for x in rs),
-        "cpu_all": [round(x.cpu, 3) for x in rs],
-        "cpu": statistics.median(x.cpu for x in rs),
-        "load": [round(x.load, 2) for x in rs],
-        "peak_anon": statistics.median(x.peak for x in rs),
-        "peak_anon_max": max(x.peak for x in rs),
-        "stages": [statistics.median(x.stages[i] for x in rs) for i in range(len(rs[0].stages))],
-    } for m, rs in results.items() if rs}
-
-
 def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
     """Alternate the methods `repeats` times on one setup; medians of time and peak memory."""
     workdir: Path = args.workdir
@@ -715,7 +308,7 @@ def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
         run_measured(commands["floor"][0], log, env)
     results: dict[str, list[Measure]] = {m: [] for m in methods}
     how = None
-    for r, m in _alternate(methods, repeats):
+    for r, m in alternate(methods, repeats):
         if m not in results:
             continue
         stages, target = commands[m]
@@ -741,7 +334,7 @@ def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
     summary: dict = {"size": setup.name, "params": setup.params, "inputs": setup.n_inputs,
                      "input_bytes": input_bytes(setup, root), "repeats": repeats,
                      "page_cache": f"cold ({how})" if args.cold else "warm",
-                     "methods": _summarize(results)}
+                     "methods": summarize(results)}
     if ("mergekit" in results and "warpmerge" in results and not args.no_agreement
             and (args.agreement_all or setup.name == args.agreement_size)):
         print("  comparing outputs ...", flush=True)
@@ -798,7 +391,7 @@ def bench_lora(args: argparse.Namespace, repeats: int) -> dict:
     unsupported = None
     clear(work / "c")
     probe = subprocess.run(warpmerge(cfg_lora, work / "c")[0], capture_output=True, text=True,
-                           env=env, timeout=TIMEOUT_S)
+                           env=env, timeout=measure.TIMEOUT_S)
     if probe.returncode:
         lines = (probe.stderr or probe.stdout).strip().splitlines() or ["(no message)"]
         unsupported = lines[-1][:300]
@@ -827,7 +420,7 @@ def bench_lora(args: argparse.Namespace, repeats: int) -> dict:
                         for p in c.glob("*.safetensors"))
     return {"params": setup.params, "rank": LORA_RANK, "adapter_bytes": adapter_bytes,
             "size": setup.name, "init_bytes": input_bytes(setup, base) // setup.n_inputs,
-            "repeats": repeats, "unsupported": unsupported, "methods": _summarize(results)}
+            "repeats": repeats, "unsupported": unsupported, "methods": summarize(results)}
 
 
 def print_lora(report: dict) -> None:
@@ -1094,10 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-size", default="default", choices=list(SIZES),
                    help="the setup whose init the LoRA runs adapt (default: default)")
     p.add_argument("--python", default=sys.executable, help="interpreter for warpmerge/floor")
-    p.add_argument("--timeout", type=float, default=TIMEOUT_S,
+    p.add_argument("--timeout", type=float, default=measure.TIMEOUT_S,
                    help="seconds before a command is killed as hung (default 900)")
     args = p.parse_args(argv)
-    globals()["TIMEOUT_S"] = args.timeout
+    measure.TIMEOUT_S = args.timeout
     args.workdir = args.workdir.resolve()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
@@ -1111,8 +704,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip() not in ("", "none")]
     args.agreement_size = "default" if "default" in sizes or not sizes else sizes[0]
     try:
-        setups = [make_setup(s) for s in sizes]
-    except BenchError as exc:
+        chosen = [make_setup(s) for s in sizes]
+    except ValueError as exc:
         p.error(str(exc))
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -1120,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"warpmerge source: {results['warpmerge']}", flush=True)
     t0 = time.perf_counter()
     try:
-        for setup in setups:
+        for setup in chosen:
             reps = args.repeats if (setup.name == "default" or args.sweep_repeats is None) \
                 else args.sweep_repeats
             why = disk_too_small(setup, args.workdir)
