@@ -520,6 +520,7 @@ def memory_case(args: argparse.Namespace) -> dict:
     out = args.workdir / "out" / setup.name
     out.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "logs" / "mem512.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     env = sub_env(None)
     base = [args.python, "-m", "warpmerge", "run", str(paths["wm-layer"]), "--force", "--quiet"]
