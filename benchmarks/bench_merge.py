@@ -17,11 +17,15 @@ across repeats and taking medians, it measures:
 
 Each one is a subprocess; wall time is taken around it and its peak anonymous memory (RssAnon,
 the process and its children) is sampled every 10 ms. It prints the table, the ratios and how
-closely mergekit's output agrees with warpmerge's (and both with a float64 reference).
+closely mergekit's output agrees with warpmerge's (and both with the float64 reference in
+reference.py). `--lora` measures a merge of LoRA adapter runs (see bench_lora); where the time
+goes inside warpmerge is profile_merge.py's job.
 
     python benchmarks/bench_merge.py                       # the default size, 3 repeats
     python benchmarks/bench_merge.py --sizes small,default,large --plot docs/performance.png
-    python benchmarks/bench_merge.py --memory-case --determinism --skip-mergekit
+    python benchmarks/bench_merge.py --sizes none --memory-case --lora
+    python benchmarks/bench_merge.py --sizes 2b --cold --repeats 2 --skip-mergekit \\
+        --methods warpmerge,floor --workdir /work/bench-data
 
 Needs the `bench` extra (mergekit, matplotlib); without mergekit that method is skipped, without
 matplotlib the plot is.
@@ -34,48 +38,47 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 if (REPO / "warpmerge" / "__init__.py").is_file() and str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # measure this checkout, whatever else is pip-installed
 
-from warpmerge.demo import DEMO_CONFIG  # noqa: E402
+# benchmarks/ is on sys.path as the script's own folder
+import measure  # noqa: E402
+import reference  # noqa: E402
+from measure import (  # noqa: E402
+    BenchError,
+    Measure,
+    alternate,
+    clear,
+    drop_caches,
+    run_measured,
+    sub_env,
+    summarize,
+)
+from setups import (  # noqa: E402
+    EVERY,
+    LORA_RANK,
+    SIZES,
+    Setup,
+    disk_too_small,
+    ensure_setup,
+    generate_lora,
+    input_bytes,
+    lora_dirs,
+    make_setup,
+)
 
-MU, EVERY, ETA = 0.01, 100, 0.3
-SHARD_BYTES = 100 * 10**6  # input shards: at most 100 MB, as the Hub's smaller models
-SAMPLE_S = 0.01  # RssAnon sampling interval
-RESCAN_EVERY = 5  # look for new child processes every this many samples
-TIMEOUT_S = 900.0  # per command; a merge running longer is taken for a hang (--timeout)
+from warpmerge.sources import open_checkpoint  # noqa: E402  (moving to warpmerge.modelfolder)
 
-# the demo's Gemma 2 config at the issue's benchmark size
-BASE_CONFIG = dict(DEMO_CONFIG, vocab_size=32000, hidden_size=1024, intermediate_size=4096,
-                   num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-                   head_dim=128, query_pre_attn_scalar=128, sliding_window=4096,
-                   max_position_embeddings=8192)
-
-# name -> (config overrides, runs, checkpoints per run)
-SIZES: dict[str, tuple[dict, int, int]] = {
-    "tiny": ({"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 1024,
-              "num_hidden_layers": 2}, 2, 3),
-    "small": ({"num_hidden_layers": 2}, 2, 3),
-    "default": ({}, 2, 3),
-    "large": ({"num_hidden_layers": 24}, 2, 3),
-    "xlarge": ({"num_hidden_layers": 40}, 2, 3),
-    # the memory goal: a 512 MiB bf16 embedding, 5 inputs, two eta values
-    "mem512": ({"vocab_size": 262144, "num_hidden_layers": 2}, 2, 2),
-}
+MU, ETA = 0.01, 0.3  # EMA rate (checkpoints setups.EVERY steps apart) and LITI's eta
 METHODS = ("warpmerge", "warpmerge-layer", "mergekit", "floor", "floor-fastexit")
 
 # The I/O floor: start Python and torch, read every tensor of every input once with safetensors,
@@ -123,208 +126,105 @@ with open(out_path, "wb", buffering=0) as f:
 FLOOR_FASTEXIT_SCRIPT = FLOOR_SCRIPT + "sys.stdout.flush()\nos._exit(0)\n"
 
 
-# Where warpmerge's time goes, in one process: CPU seconds of `import torch`, of the rest of
-# what `warpmerge run` imports, and of the merge itself (plan + execute), plus its wall time.
-BREAKDOWN_SCRIPT = r"""
-import json, sys, time
-cfg, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]) or None
-c0, w0 = time.process_time(), time.perf_counter()
+# Method (a)'s first step, as a plain script: one adapter checkpoint made into a full model.
+# ΔW = (alpha / r)·B @ A is added to the init in float32 and cast to the init's dtype; the
+# output has the init's shards, index and config, and is fsynced.
+MAKE_FULL_SCRIPT = r"""
+import json, os, shutil, sys
 import torch
-c1 = time.process_time()
-import warpmerge.cli
-from warpmerge.api import run
-import warpmerge.engine, warpmerge.config
-c2, w2 = time.process_time(), time.perf_counter()
-run(cfg, out=out, force=True, quiet=True, threads=threads)
-c3, w3 = time.process_time(), time.perf_counter()
-print(json.dumps({"import_torch": c1 - c0, "other_imports": c2 - c1, "merge_cpu": c3 - c2,
-                  "merge_wall": w3 - w2, "file": warpmerge.__file__}))
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+init, adapter, out = sys.argv[1:4]
+cfg = json.load(open(os.path.join(adapter, "adapter_config.json")))
+scale = cfg["lora_alpha"] / cfg["r"]
+lora = safe_open(os.path.join(adapter, "adapter_model.safetensors"), framework="pt")
+keys = set(lora.keys())
+os.makedirs(out)
+index = os.path.join(init, "model.safetensors.index.json")
+if os.path.exists(index):
+    files = list(dict.fromkeys(json.load(open(index))["weight_map"].values()))
+    shutil.copy(index, out)
+else:
+    files = ["model.safetensors"]
+shutil.copy(os.path.join(init, "config.json"), out)
+for name in files:
+    tensors = load_file(os.path.join(init, name))
+    for n, w in tensors.items():
+        key = "base_model.model." + n[: -len(".weight")]
+        if key + ".lora_A.weight" in keys:
+            a = lora.get_tensor(key + ".lora_A.weight").float()
+            b = lora.get_tensor(key + ".lora_B.weight").float()
+            tensors[n] = (w.float() + scale * (b @ a)).to(w.dtype)
+    path = os.path.join(out, name)
+    save_file(tensors, path, metadata={"format": "pt"})
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 """
 
 
-class BenchError(RuntimeError):
-    pass
+def source_fingerprint() -> str:
+    """Which warpmerge was measured: git commit, plus a hash of the package's sources."""
+    import warpmerge
+
+    pkg = Path(warpmerge.__file__).parent
+    print(f"warpmerge imported from {pkg}")
+    h = hashlib.sha256()
+    for f in sorted(pkg.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    try:
+        commit = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "."],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = "unknown", ""
+    return f"{warpmerge.__version__} {commit}{'+dirty' if dirty else ''} src {h.hexdigest()[:12]}"
 
 
-# --- setup generation ----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Setup:
-    name: str
-    cfg: dict
-    runs: int
-    checkpoints: int
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        text = json.dumps([self.cfg, self.runs, self.checkpoints, self.seed, 2], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-    @property
-    def run_names(self) -> list[str]:
-        return [f"run-{chr(ord('a') + r)}" for r in range(self.runs)]
-
-    def checkpoint_dirs(self, root: Path) -> list[list[Path]]:
-        return [[root / run / f"step-{(t + 1) * EVERY}" for t in range(self.checkpoints)]
-                for run in self.run_names]
-
-    def input_dirs(self, root: Path) -> list[Path]:
-        return [root / "init"] + [c for run in self.checkpoint_dirs(root) for c in run]
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        from warpmerge.demo import gemma2_shapes
-
-        return gemma2_shapes(self.cfg)
-
-    @property
-    def params(self) -> int:
-        return sum(math.prod(s) for s in self.shapes().values())
-
-    @property
-    def n_inputs(self) -> int:
-        return 1 + self.runs * self.checkpoints
-
-
-def make_setup(name: str) -> Setup:
-    if name not in SIZES:
-        raise BenchError(f"unknown size {name!r} (known: {', '.join(SIZES)})")
-    overrides, runs, ckpts = SIZES[name]
-    return Setup(name, {**BASE_CONFIG, **overrides}, runs, ckpts)
-
-
-def _uniform(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Unit-variance uniform noise in float32 (several times faster than normal draws)."""
-    x = rng.random(n, dtype=np.float32)
-    x -= 0.5
-    x *= math.sqrt(12.0)
-    return x
-
-
-def _plan_shards(names: list[str], nbytes: dict[str, int]) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for n in names:
-        if shards[-1] and size + nbytes[n] > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += nbytes[n]
-    return shards
-
-
-def generate(setup: Setup, root: Path, log: bool = True) -> None:
-    """Write the init and every checkpoint as sharded bf16 safetensors, tensor by tensor.
-
-    Each run drifts from the init by small steps along its own random direction plus a shared
-    one, so task vectors are far from collinear (as in real RL runs). Every tensor has its own
-    seeded generator, so the data does not depend on the sharding.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    shapes = setup.shapes()
-    names = list(shapes)
-    nbytes = {n: 2 * math.prod(s) for n, s in shapes.items()}
-    shards = _plan_shards(names, nbytes)
-    files = ([f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-             if len(shards) > 1 else ["model.safetensors"])
-    dirs = setup.input_dirs(root)
-    partial = root.with_name(root.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    pdirs = setup.input_dirs(partial)
-    for d in pdirs:
-        d.mkdir(parents=True)
-    t0 = time.perf_counter()
-    for shard_names, fname in zip(shards, files, strict=True):
-        per_model: list[dict[str, torch.Tensor]] = [{} for _ in pdirs]
-        for name in shard_names:
-            shape = shapes[name]
-            n = math.prod(shape)
-            digest = hashlib.sha256(f"{setup.seed}/{name}".encode()).digest()
-            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-            scale = 0.1 if len(shape) == 1 else shape[-1] ** -0.5
-            init = _uniform(rng, n)
-            init *= scale
-            common = _uniform(rng, n)
-            common *= 0.3
-
-            def bf16(x: np.ndarray, shape: tuple[int, ...] = shape) -> torch.Tensor:
-                return torch.from_numpy(x).to(torch.bfloat16).reshape(shape)
-
-            per_model[0][name] = bf16(init)
-            k = 1
-            for _ in range(setup.runs):
-                cur = init.copy()
-                for _ in range(setup.checkpoints):
-                    step = _uniform(rng, n)
-                    step += common
-                    step *= 0.02 * scale
-                    cur += step
-                    per_model[k][name] = bf16(cur)
-                    k += 1
-            del init, common, cur, step
-        for d, tensors in zip(pdirs, per_model, strict=True):
-            save_file(tensors, str(d / fname), metadata={"format": "pt"})
-        del per_model
-    for d in pdirs:
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(nbytes.values())},
-                     "weight_map": {n: f for s, f in zip(shards, files, strict=True) for n in s}}
-            (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (d / "config.json").write_text(json.dumps(setup.cfg, indent=2) + "\n")
-    info = {**asdict(setup), "params": setup.params, "inputs": [str(p) for p in dirs],
-            "seconds": round(time.perf_counter() - t0, 1)}
-    (partial / "setup.json").write_text(json.dumps(info, indent=2) + "\n")
-    if root.exists():
-        shutil.rmtree(root)
-    partial.rename(root)
-    if log:
-        print(f"  generated {setup.name} in {info['seconds']} s", flush=True)
-
-
-def ensure_setup(setup: Setup, workdir: Path) -> Path:
-    root = workdir / "setups" / f"{setup.name}-{setup.key}"
-    if not (root / "setup.json").exists():
-        gb = setup.params * 2 * setup.n_inputs / 1e9
-        print(f"Generating the {setup.name} setup ({setup.params / 1e6:.0f}M parameters x "
-              f"{setup.n_inputs} inputs, {gb:.1f} GB) in {root} ...", flush=True)
-        generate(setup, root)
-    return root
-
-
-def input_bytes(setup: Setup, root: Path) -> int:
-    return sum(f.stat().st_size for d in setup.input_dirs(root) for f in d.glob("*.safetensors"))
+def find_mergekit(arg: str | None) -> str | None:
+    if arg:
+        return arg if Path(arg).exists() or shutil.which(arg) else None
+    found = shutil.which("mergekit-yaml")
+    if found:
+        return found
+    venv = Path("/tmp/mk-venv/bin/mergekit-yaml")
+    return str(venv) if venv.exists() else None
 
 
 # --- configs -------------------------------------------------------------------------------
+
+def warp_config(init: Path, run_names: list[str], runs: list[list[Path]], granularity: str,
+                etas: list[float]) -> str:
+    """A warpmerge config (YAML): EMA (mu 0.01, every 100), SLERP, LITI, bf16 out."""
+    import yaml
+
+    doc = {
+        "init": str(init),
+        "policies": [{"name": n, "checkpoints": [str(c) for c in run]}
+                     for n, run in zip(run_names, runs, strict=True)],
+        "ema": {"mu": MU, "every": EVERY},
+        "slerp": {"granularity": granularity},
+        "liti": {"eta": etas if len(etas) > 1 else etas[0]},
+        "output": {"path": "out", "dtype": "bfloat16", "shard_size": "5GB",
+                   "copy_tokenizer": False},
+    }
+    return yaml.safe_dump(doc, sort_keys=False)
+
 
 def write_configs(setup: Setup, root: Path, cfg_dir: Path, mk_dtype: str,
                   etas: list[float] | None = None) -> dict[str, Path]:
     """The warpmerge configs (tensor and layer granularity) and the mergekit pipeline."""
     import yaml
 
-    from warpmerge.ops import ema_coefficients
-
     cfg_dir.mkdir(parents=True, exist_ok=True)
     runs = setup.checkpoint_dirs(root)
-    etas = etas or [ETA]
     paths: dict[str, Path] = {}
     for gran in ("tensor", "layer"):
-        doc = {
-            "init": str(root / "init"),
-            "policies": [{"name": n, "checkpoints": [str(c) for c in run]}
-                         for n, run in zip(setup.run_names, runs, strict=True)],
-            "ema": {"mu": MU, "every": EVERY},
-            "slerp": {"granularity": gran},
-            "liti": {"eta": etas if len(etas) > 1 else etas[0]},
-            "output": {"path": "out", "dtype": "bfloat16", "shard_size": "5GB",
-                       "copy_tokenizer": False},
-        }
         p = paths[f"wm-{gran}"] = cfg_dir / f"warp-{gran}.yaml"
-        p.write_text(yaml.safe_dump(doc, sort_keys=False))
-    coefs = ema_coefficients(setup.checkpoints, MU, EVERY)
+        p.write_text(warp_config(root / "init", setup.run_names, runs, gran, etas or [ETA]))
+    coefs = reference.ema_weights(setup.steps, MU)
     mk_dir = cfg_dir / "mergekit"
     mk_dir.mkdir(exist_ok=True)
     for name, run in zip(setup.run_names, runs, strict=True):
@@ -366,150 +266,6 @@ def mergekit_stages(setup: Setup, root: Path, cfg_dir: Path, out: Path, mk_dtype
     return stages
 
 
-# --- measuring -----------------------------------------------------------------------------
-
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def _rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-class PeakSampler(threading.Thread):
-    """Samples the summed RssAnon of a process tree every 10 ms; keeps the maximum."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid, self.peak = pid, 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        pids, i = [self.pid], 0
-        while not self._stop_event.is_set():
-            if i % RESCAN_EVERY == 0:
-                pids = _descendants(self.pid)
-            self.peak = max(self.peak, sum(_rss_anon(p) for p in pids))
-            i += 1
-            self._stop_event.wait(SAMPLE_S)
-
-    def stop(self) -> int:
-        self._stop_event.set()
-        self.join()
-        return self.peak
-
-
-@dataclass
-class Measure:
-    seconds: float  # wall time
-    peak: int  # peak anonymous RSS (sampled)
-    cpu: float = 0.0  # user + system CPU seconds of the process and its children
-    load: float = 0.0  # the 1-minute load average when it ended (other jobs on the machine)
-    stages: list[float] = field(default_factory=list)
-
-
-def run_measured(stages: list[list[str]], log: Path, env: dict[str, str]) -> Measure:
-    """Run the commands one after the other; total wall time, the highest peak of any."""
-    total, peak, cpu, times = 0.0, 0, 0.0, []
-    with open(log, "ab") as logf:
-        for cmd in stages:
-            logf.write(f"\n$ {' '.join(cmd)}\n".encode())
-            logf.flush()
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=env)
-            sampler = PeakSampler(proc.pid)
-            sampler.start()
-            try:
-                rc = proc.wait(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                sampler.stop()
-                raise BenchError(f"{' '.join(cmd[:4])} ... ran past {TIMEOUT_S} s (a hang?); "
-                                 f"killed; see {log}") from None
-            dt = time.perf_counter() - t0
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            cpu += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-            peak = max(peak, sampler.stop())
-            if rc != 0:
-                raise BenchError(f"{Path(cmd[0]).name} exited with {rc}; see {log}")
-            times.append(dt)
-            total += dt
-    return Measure(total, peak, cpu, os.getloadavg()[0], times)
-
-
-def sub_env(threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if str(REPO) in sys.path:  # `python -m warpmerge` runs this checkout
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def source_fingerprint() -> str:
-    """Which warpmerge was measured: git commit, plus a hash of the package's sources."""
-    import warpmerge
-
-    pkg = Path(warpmerge.__file__).parent
-    print(f"warpmerge imported from {pkg}")
-    h = hashlib.sha256()
-    for f in sorted(pkg.glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    try:
-        commit = subprocess.run(["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(pkg), "status", "--porcelain", "."],
-                               capture_output=True, text=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", ""
-    return f"{warpmerge.__version__} {commit}{'+dirty' if dirty else ''} src {h.hexdigest()[:12]}"
-
-
-def find_mergekit(arg: str | None) -> str | None:
-    if arg:
-        return arg if Path(arg).exists() or shutil.which(arg) else None
-    found = shutil.which("mergekit-yaml")
-    if found:
-        return found
-    venv = Path("/tmp/mk-venv/bin/mergekit-yaml")
-    return str(venv) if venv.exists() else None
-
-
-def clear(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    inter = path.parent / (path.name + "-intermediate")
-    if inter.exists():
-        shutil.rmtree(inter)
-
-
 def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
     """Alternate the methods `repeats` times on one setup; medians of time and peak memory."""
     workdir: Path = args.workdir
@@ -520,18 +276,19 @@ def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
     paths = write_configs(setup, root, cfg_dir, args.mk_dtype)
     py = args.python
     env = sub_env(None)
-    inputs = [str(p) for p in setup.input_dirs(root)]
+    inputs = setup.input_dirs(root)
+
+    def warpmerge(gran: str, target: Path, *extra: str) -> tuple[list[list[str]], Path]:
+        return ([[py, "-m", "warpmerge", "run", str(paths[f"wm-{gran}"]), "--out", str(target),
+                  "--force", "--quiet", *extra]], target)
+
     commands: dict[str, tuple[list[list[str]], Path]] = {
-        "warpmerge": ([[py, "-m", "warpmerge", "run", str(paths["wm-tensor"]), "--out",
-                        str(out_dir / "warpmerge"), "--force", "--quiet"]],
-                      out_dir / "warpmerge"),
-        "warpmerge-layer": ([[py, "-m", "warpmerge", "run", str(paths["wm-layer"]), "--out",
-                              str(out_dir / "warpmerge-layer"), "--force", "--quiet"]],
-                            out_dir / "warpmerge-layer"),
-        "floor": ([[py, "-c", FLOOR_SCRIPT, str(out_dir / "floor.safetensors"), *inputs]],
-                  out_dir / "floor.safetensors"),
+        "warpmerge": warpmerge("tensor", out_dir / "warpmerge"),
+        "warpmerge-layer": warpmerge("layer", out_dir / "warpmerge-layer"),
+        "floor": ([[py, "-c", FLOOR_SCRIPT, str(out_dir / "floor.safetensors"),
+                    *map(str, inputs)]], out_dir / "floor.safetensors"),
         "floor-fastexit": ([[py, "-c", FLOOR_FASTEXIT_SCRIPT,
-                             str(out_dir / "floor-fe.safetensors"), *inputs]],
+                             str(out_dir / "floor-fe.safetensors"), *map(str, inputs)]],
                            out_dir / "floor-fe.safetensors"),
     }
     if args.mergekit_bin and not args.skip_mergekit:
@@ -539,49 +296,45 @@ def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
                                  args.mergekit_bin)
         commands["mergekit"] = (stages, out_dir / "mergekit")
     methods = [m for m in METHODS if m in commands and m in args.methods]
+    for n in args.threads:  # the thread sweep: tensor groups, --threads n
+        commands[f"warpmerge-t{n}"] = warpmerge("tensor", out_dir / f"warpmerge-t{n}",
+                                                "--threads", str(n))
+        methods.append(f"warpmerge-t{n}")
     log = workdir / "logs" / f"{setup.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
-    # warm the page cache (every measurement below reads the inputs from memory)
-    clear(commands["floor"][1])
-    run_measured(commands["floor"][0], log, env)
+    if not args.cold:  # warm the page cache: every measurement below reads from memory
+        clear(commands["floor"][1])
+        run_measured(commands["floor"][0], log, env)
     results: dict[str, list[Measure]] = {m: [] for m in methods}
-    for r in range(repeats):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
-        for m in order:
-            if m not in results:
-                continue
-            stages, target = commands[m]
+    how = None
+    for r, m in alternate(methods, repeats):
+        if m not in results:
+            continue
+        stages, target = commands[m]
+        clear(target)
+        if args.cold:
+            how = drop_caches(inputs)
+        try:
+            res = run_measured(stages, log, env)
+        except BenchError as exc:
+            if m != "mergekit":
+                raise
+            # e.g. a mergekit that does not work with these torch/transformers versions
+            print(f"  mergekit failed ({exc}); leaving it out from here on", flush=True)
+            args.mergekit_bin = None
+            del results[m]
+            continue
+        results[m].append(res)
+        print(f"  {setup.name} repeat {r + 1}/{repeats} {m:<16} {res.seconds:7.2f} s  "
+              f"cpu {res.cpu:7.2f} s  peak anon {res.peak / 2**20:6.0f} MiB  "
+              f"load {res.load:.1f}", flush=True)
+        if setup.disk_bytes > 10**10:  # a big setup: do not leave its outputs around
             clear(target)
-            try:
-                res = run_measured(stages, log, env)
-            except BenchError as exc:
-                if m != "mergekit":
-                    raise
-                # e.g. a mergekit that does not work with these torch/transformers versions
-                print(f"  mergekit failed ({exc}); leaving it out from here on", flush=True)
-                args.mergekit_bin = None
-                del results[m]
-                continue
-            results[m].append(res)
-            print(f"  {setup.name} repeat {r + 1}/{repeats} {m:<16} {res.seconds:7.2f} s  "
-                  f"cpu {res.cpu:7.2f} s  peak anon {res.peak / 2**20:6.0f} MiB  "
-                  f"load {res.load:.1f}", flush=True)
     summary: dict = {"size": setup.name, "params": setup.params, "inputs": setup.n_inputs,
-                     "input_bytes": input_bytes(setup, root), "repeats": repeats, "methods": {}}
-    for m, rs in results.items():
-        summary["methods"][m] = {
-            "seconds": statistics.median(x.seconds for x in rs),
-            "seconds_all": [round(x.seconds, 3) for x in rs],
-            "seconds_min": min(x.seconds for x in rs),
-            "cpu_all": [round(x.cpu, 3) for x in rs],
-            "cpu": statistics.median(x.cpu for x in rs),
-            "load": [round(x.load, 2) for x in rs],
-            "peak_anon": statistics.median(x.peak for x in rs),
-            "peak_anon_max": max(x.peak for x in rs),
-            "stages": [statistics.median(x.stages[i] for x in rs)
-                       for i in range(len(rs[0].stages))],
-        }
+                     "input_bytes": input_bytes(setup, root), "repeats": repeats,
+                     "page_cache": f"cold ({how})" if args.cold else "warm",
+                     "methods": summarize(results)}
     if ("mergekit" in results and "warpmerge" in results and not args.no_agreement
             and (args.agreement_all or setup.name == args.agreement_size)):
         print("  comparing outputs ...", flush=True)
@@ -590,46 +343,113 @@ def bench_size(setup: Setup, args: argparse.Namespace, repeats: int) -> dict:
     return summary
 
 
+# --- LoRA runs -----------------------------------------------------------------------------
+
+def bench_lora(args: argparse.Namespace, repeats: int) -> dict:
+    """A merge of LoRA runs (r 16 on all 7 projections, 2 runs x 3 checkpoints, on the init of
+    the --lora-size setup, `default` unless told).
+
+      (a) full     each adapter made into a full checkpoint first (MAKE_FULL_SCRIPT, timed
+                   apart as `making`), then `warpmerge run` on the full checkpoints
+      (b) floor    read the init, write one model (FLOOR_SCRIPT on the init alone)
+      (c) adapters `warpmerge run` on the adapter checkpoints themselves
+
+    A warpmerge that cannot read adapters makes (c) "not supported", and (a), (b) still run.
+    """
+    setup = make_setup(args.lora_size)
+    base = ensure_setup(setup, args.workdir)
+    init = base / "init"
+    root = args.workdir / "setups" / f"lora-r{LORA_RANK}-{setup.name}-{setup.key}"
+    if not (root / "setup.json").exists():
+        print(f"Generating LoRA adapters in {root} ...", flush=True)
+        generate_lora(setup, init, root)
+    adapters = lora_dirs(setup, root)
+    work = args.workdir / "out" / "lora"
+    cfg_dir = args.workdir / "configs" / "lora"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    full = [[work / "full" / c.parent.name / c.name for c in run] for run in adapters]
+    cfg_full, cfg_lora = cfg_dir / "warp-full.yaml", cfg_dir / "warp-adapters.yaml"
+    cfg_full.write_text(warp_config(init, setup.run_names, full, "layer", [ETA]))
+    cfg_lora.write_text(warp_config(init, setup.run_names, adapters, "layer", [ETA]))
+    py, env = args.python, sub_env(None)
+    log = args.workdir / "logs" / "lora.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+
+    def warpmerge(cfg: Path, out: Path) -> list[list[str]]:
+        return [[py, "-m", "warpmerge", "run", str(cfg), "--out", str(out), "--force", "--quiet"]]
+
+    making = [[py, "-c", MAKE_FULL_SCRIPT, str(init), str(a), str(f)]
+              for run_a, run_f in zip(adapters, full, strict=True)
+              for a, f in zip(run_a, run_f, strict=True)]
+    commands = {"(a) full checkpoints": (warpmerge(cfg_full, work / "a"), work / "a"),
+                "(b) floor: init + one model": (
+                    [[py, "-c", FLOOR_SCRIPT, str(work / "floor.safetensors"), str(init)]],
+                    work / "floor.safetensors"),
+                "(c) adapters": (warpmerge(cfg_lora, work / "c"), work / "c")}
+    unsupported = None
+    clear(work / "c")
+    probe = subprocess.run(warpmerge(cfg_lora, work / "c")[0], capture_output=True, text=True,
+                           env=env, timeout=measure.TIMEOUT_S)
+    if probe.returncode:
+        lines = (probe.stderr or probe.stdout).strip().splitlines() or ["(no message)"]
+        unsupported = lines[-1][:300]
+        print(f"  (c) not supported by this warpmerge: {unsupported}", flush=True)
+        del commands["(c) adapters"]
+    run_measured([[py, "-c", FLOOR_SCRIPT, str(work / "warm.safetensors"), str(init)]], log, env)
+    clear(work / "warm.safetensors")
+    results: dict[str, list[Measure]] = {m: [] for m in ["making", *commands]}
+    for r in range(repeats):
+        clear(work / "full")
+        res = run_measured(making, log, env)
+        results["making"].append(res)
+        print(f"  lora repeat {r + 1}/{repeats} {'making 6 full checkpoints':<30} "
+              f"{res.seconds:7.2f} s  cpu {res.cpu:7.2f} s", flush=True)
+        k = r % len(commands)
+        for m in list(commands)[k:] + list(commands)[:k]:
+            stages, target = commands[m]
+            clear(target)
+            res = run_measured(stages, log, env)
+            results[m].append(res)
+            print(f"  lora repeat {r + 1}/{repeats} {m:<30} {res.seconds:7.2f} s  "
+                  f"cpu {res.cpu:7.2f} s  peak anon {res.peak / 2**20:6.0f} MiB  "
+                  f"load {res.load:.1f}", flush=True)
+    clear(work / "full")
+    adapter_bytes = sum(p.stat().st_size for run in adapters for c in run
+                        for p in c.glob("*.safetensors"))
+    return {"params": setup.params, "rank": LORA_RANK, "adapter_bytes": adapter_bytes,
+            "size": setup.name, "init_bytes": input_bytes(setup, base) // setup.n_inputs,
+            "repeats": repeats, "unsupported": unsupported, "methods": summarize(results)}
+
+
+def print_lora(report: dict) -> None:
+    ms = report["methods"]
+    print(f"\nLoRA runs: r {report['rank']} on all 7 projections, 2 runs x 3 checkpoints on the "
+          f"{report['size']} setup ({report['adapter_bytes'] / 1e6:.0f} MB of adapters), median of "
+          f"{report['repeats']}")
+    for m, r in ms.items():
+        print(f"  {m:<30} {r['seconds']:8.2f} s  cpu {r['cpu']:7.2f} s  "
+              f"peak anon {mib(r['peak_anon']):>6} MiB")
+    floor = ms["(b) floor: init + one model"]["seconds"]
+    a = ms["(a) full checkpoints"]["seconds"]
+    print(f"  (a) / (b) floor: {a / floor:.2f}x  (making the full checkpoints: "
+          f"{ms['making']['seconds']:.2f} s more)")
+    if "(c) adapters" in ms:
+        c = ms["(c) adapters"]["seconds"]
+        print(f"  (c) / (b) floor: {c / floor:.2f}x  (goal <= 1.5x);  (a) / (c): {a / c:.2f}x "
+              f"without making (goal >= 3x), {(a + ms['making']['seconds']) / c:.2f}x with it")
+    else:
+        print(f"  (c) adapters: not supported by this warpmerge ({report['unsupported']})")
+
+
 # --- agreement -----------------------------------------------------------------------------
 
-def _open_model(folder: Path) -> dict:
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    files = (list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
-             if index.exists() else [p.name for p in sorted(folder.glob("*.safetensors"))])
-    where = {}
-    for name in files:
-        h = safe_open(str(folder / name), framework="pt")
-        where.update((k, h) for k in h.keys())
-    return where
-
-
-def _reference(init, runs: list[list]) -> object:
-    """θ_init + η·chainSLERP(δ) in float64, straight from the spec (per-tensor angle)."""
-    import torch
-
-    from warpmerge.ops import ema_coefficients
-
-    deltas = []
-    for ckpts in runs:
-        a = ema_coefficients(len(ckpts), MU, EVERY)
-        d = torch.zeros_like(init)
-        for w, c in zip(a, ckpts, strict=True):
-            d += w * (c - init)
-        deltas.append(d)
-    r = deltas[0]
-    for m in range(1, len(deltas)):
-        lam = 1.0 / (m + 1)
-        d = deltas[m]
-        nr, nd = float(r.norm()), float(d.norm())
-        cos = max(-1.0, min(1.0, float((r * d).sum()) / (nr * nd))) if nr and nd else 1.0
-        om = math.acos(cos)
-        if nr and nd and math.sin(om) >= 1e-6:
-            r = (math.sin((1 - lam) * om) * r + math.sin(lam * om) * d) / math.sin(om)
-        else:
-            r = (1 - lam) * r + lam * d
-    return init + ETA * r
+def _tensors(folder: Path):
+    """name -> a function giving that tensor (read through warpmerge's model-folder reader)."""
+    ckpt = open_checkpoint(folder, str(folder))
+    return {n: (lambda info=info: ckpt.read(info, 0, info.numel).reshape(info.shape))
+            for n, info in ckpt.tensors.items()}
 
 
 def _ulp(ref):
@@ -649,9 +469,10 @@ def agreement(setup: Setup, root: Path, wm_dir: Path, mk_dir: Path) -> dict:
     """Element-wise comparison of the two bf16 outputs, and of each with a float64 reference."""
     import torch
 
-    wm, mk = _open_model(wm_dir), _open_model(mk_dir)
-    init_m = _open_model(root / "init")
-    run_m = [[_open_model(c) for c in run] for run in setup.checkpoint_dirs(root)]
+    wm, mk = _tensors(wm_dir), _tensors(mk_dir)
+    init_m = _tensors(root / "init")
+    run_m = [[_tensors(c) for c in run] for run in setup.checkpoint_dirs(root)]
+    weights = [reference.ema_weights(setup.steps, MU)] * setup.runs
     names = [n for n in wm if n in mk]
     stats = {"tensors": len(names), "only_warpmerge": sorted(set(wm) - set(mk)),
              "only_mergekit": sorted(set(mk) - set(wm)), "elements": 0, "differ": 0,
@@ -659,12 +480,12 @@ def agreement(setup: Setup, root: Path, wm_dir: Path, mk_dir: Path) -> dict:
              "wm_vs_ref_differ": 0, "mk_vs_ref_differ": 0, "wm_vs_ref_max_ulp": 0,
              "mk_vs_ref_max_ulp": 0, "worst_tensor": None}
     for n in names:
-        a, b = wm[n].get_tensor(n), mk[n].get_tensor(n)
+        a, b = wm[n](), mk[n]()
         if a.dtype != torch.bfloat16 or b.dtype != torch.bfloat16 or a.shape != b.shape:
             raise BenchError(f"{n}: warpmerge {a.dtype} {tuple(a.shape)}, "
                              f"mergekit {b.dtype} {tuple(b.shape)}")
-        init = init_m[n].get_tensor(n).double()
-        ref = _reference(init, [[c[n].get_tensor(n).double() for c in run] for run in run_m])
+        init = init_m[n]().double()
+        ref = reference.warp(init, [[c[n]() for c in run] for run in run_m], weights, ETA)
         ref16 = ref.to(torch.bfloat16)
         af, bf = a.double(), b.double()
         diff = (af - bf).abs()
@@ -688,7 +509,7 @@ def agreement(setup: Setup, root: Path, wm_dir: Path, mk_dir: Path) -> dict:
     return stats
 
 
-# --- memory case, determinism -----------------------------------------------------------
+# --- memory case ---------------------------------------------------------------------------
 
 def memory_case(args: argparse.Namespace) -> dict:
     """warpmerge's peak anon RSS on a 512 MiB embedding, 5 inputs, layer groups, two etas."""
@@ -699,6 +520,7 @@ def memory_case(args: argparse.Namespace) -> dict:
     out = args.workdir / "out" / setup.name
     out.mkdir(parents=True, exist_ok=True)
     log = args.workdir / "logs" / "mem512.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text("")
     env = sub_env(None)
     base = [args.python, "-m", "warpmerge", "run", str(paths["wm-layer"]), "--force", "--quiet"]
@@ -729,94 +551,6 @@ def memory_case(args: argparse.Namespace) -> dict:
                              "peak_anon": max(x.peak for x in ms)} for v, ms in res.items()}}
 
 
-def breakdown(args: argparse.Namespace, size: str) -> dict:
-    """CPU time of warpmerge's imports and of its merge, in-process, per --threads setting."""
-    setup = make_setup(size)
-    root = ensure_setup(setup, args.workdir)
-    paths = write_configs(setup, root, args.workdir / "configs" / size, args.mk_dtype)
-    out = args.workdir / "out" / f"{size}-breakdown"
-    rows: dict[str, list[dict]] = {}
-    for _ in range(args.repeats):
-        for threads in (1, 0):
-            for gran in ("tensor", "layer"):
-                clear(out)
-                proc = subprocess.run(
-                    [args.python, "-c", BREAKDOWN_SCRIPT, str(paths[f"wm-{gran}"]), str(out),
-                     str(threads)], capture_output=True, text=True, env=sub_env(None),
-                    timeout=TIMEOUT_S)
-                if proc.returncode:
-                    raise BenchError(f"breakdown failed: {proc.stderr.strip()[-500:]}")
-                key = f"{gran}, threads {threads or 'default'}"
-                rows.setdefault(key, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    clear(out)
-    report = {}
-    for key, rs in rows.items():
-        med = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "file"}
-        report[key] = med
-        print(f"  {key:<28} import torch {med['import_torch']:5.2f} s cpu, other imports "
-              f"{med['other_imports']:5.2f} s, merge {med['merge_cpu']:5.2f} s cpu "
-              f"({med['merge_wall']:5.2f} s wall)", flush=True)
-    return report
-
-
-def _sha_files(folder: Path) -> dict[str, str]:
-    out = {}
-    for f in sorted(folder.rglob("*.safetensors")):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 24), b""):
-                h.update(block)
-        out[str(f.relative_to(folder))] = h.hexdigest()
-    return out
-
-
-def _groups(folder: Path) -> list:
-    prov = json.loads(next(folder.rglob("warpmerge.json")).read_text())
-    return [(g["name"], g["coefficients"], [s["cos_omega"] for s in g["chain"]])
-            for g in prov["groups"]]
-
-
-def determinism(args: argparse.Namespace, size: str) -> dict:
-    """Bit-identical shards (and per-group coefficients) across --threads and --chunk-size."""
-    setup = make_setup(size)
-    root = ensure_setup(setup, args.workdir)
-    paths = write_configs(setup, root, args.workdir / "configs" / size, args.mk_dtype)
-    out = args.workdir / "out" / f"{size}-determinism"
-    log = args.workdir / "logs" / f"{size}-determinism.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    log.write_text("")
-    env = sub_env(None)
-    variants = {
-        "--threads 1": ["--threads", "1"],
-        "--threads 2": ["--threads", "2"],
-        "--threads 2 --chunk-size 65536": ["--threads", "2", "--chunk-size", "65536"],
-        "--threads 1 --chunk-size 1000000": ["--threads", "1", "--chunk-size", "1000000"],
-        "--threads 2 --max-memory 300MB": ["--threads", "2", "--max-memory", "300MB"],
-    }
-    report: dict = {"size": size, "variants": {}}
-    refs: dict[str, tuple[dict, list]] = {}  # granularity -> the first variant's results
-    for i, (v, extra) in enumerate(variants.items()):
-        for gran in ("layer", "tensor"):
-            target = out / f"{gran}-{i}"
-            clear(target)
-            m = run_measured([[args.python, "-m", "warpmerge", "run", str(paths[f"wm-{gran}"]),
-                               "--out", str(target), "--force", "--quiet", *extra]], log, env)
-            sha, groups = _sha_files(target), _groups(target)
-            ref_sha, ref_groups = refs.setdefault(gran, (sha, groups))
-            key = f"{gran} {v}"
-            report["variants"][key] = {
-                "seconds": round(m.seconds, 2), "peak_anon": m.peak,
-                "shards_identical": sha == ref_sha,
-                "coefficients_identical": groups == ref_groups,
-                "groups_differing": sum(a != b for a, b in zip(groups, ref_groups, strict=True)),
-                "sha256": sha,
-            }
-            print(f"  {key:<45} {m.seconds:6.2f} s  shards identical: {sha == ref_sha}  "
-                  f"coefficients identical: {groups == ref_groups}", flush=True)
-            shutil.rmtree(target)
-    return report
-
-
 # --- reporting -----------------------------------------------------------------------------
 
 def mib(n: float) -> str:
@@ -827,8 +561,8 @@ def print_table(summary: dict) -> None:
     ms = summary["methods"]
     floor = ms.get("floor", {}).get("seconds")
     print(f"\n{summary['size']}: {summary['params'] / 1e6:.0f}M parameters per model, "
-          f"{summary['inputs']} inputs, {summary['input_bytes'] / 1e9:.2f} GB read, "
-          f"median of {summary['repeats']}")
+          f"{summary['inputs']} inputs, {summary['input_bytes'] / 1e9:.2f} GB read "
+          f"({summary['page_cache']} page cache), median of {summary['repeats']}")
     floor_cpu = ms.get("floor", {}).get("cpu")
     floor_min = ms.get("floor", {}).get("seconds_min")
     print(f"  {'method':<16} {'wall s':>8} {'vs floor':>9} {'min s':>8} {'vs floor':>9} "
@@ -844,6 +578,10 @@ def print_table(summary: dict) -> None:
         print("  against floor-fastexit: " + ", ".join(
             f"{m} {ms[m]['seconds'] / fe['seconds']:.2f}x" for m in ("warpmerge", "warpmerge-layer")
             if m in ms))
+    sweep = {int(m[len("warpmerge-t"):]): r for m, r in ms.items() if m.startswith("warpmerge-t")}
+    if 1 in sweep:
+        print("  threads (tensor groups), speed-up over --threads 1: " + ", ".join(
+            f"{n}: {sweep[1]['seconds'] / r['seconds']:.2f}x" for n, r in sorted(sweep.items())))
     if "mergekit" in ms and "warpmerge" in ms:
         wm, mk = ms["warpmerge"], ms["mergekit"]
         st = ", ".join(f"{s:.1f}" for s in mk["stages"])
@@ -903,11 +641,17 @@ def plot(summaries: list[dict], path: Path) -> None:
     print(f"wrote {path}")
 
 
-def replot(results_json: Path, path: Path) -> None:
-    plot(json.loads(results_json.read_text())["sizes"], path)
-
-
 # --- main ----------------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError("thread counts start at 1")
+    return values
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -928,20 +672,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mk-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of mergekit's intermediate models (default float32)")
     p.add_argument("--methods", default=",".join(METHODS), help="which methods to run")
-    p.add_argument("--breakdown", action="store_true",
-                   help="also split warpmerge's CPU time into imports and merge (in-process)")
+    p.add_argument("--threads", type=_ints, default=[],
+                   help="also run warpmerge (tensor groups) with --threads N for each N, "
+                        "e.g. 1,2,4 (a scaling sweep)")
+    p.add_argument("--cold", action="store_true",
+                   help="read the inputs from disk: drop the page cache before every command "
+                        "(drop_caches as root, else posix_fadvise on the inputs)")
     p.add_argument("--no-agreement", action="store_true", help="skip the output comparison")
     p.add_argument("--agreement-all", action="store_true",
                    help="compare the outputs at every size (default: 'default' only)")
     p.add_argument("--memory-case", action="store_true",
                    help="also measure the 512 MiB-embedding memory case")
-    p.add_argument("--determinism", action="store_true",
-                   help="also check bit-identical output across --threads and --chunk-size")
+    p.add_argument("--lora", action="store_true",
+                   help="also measure a merge of LoRA runs (r 16, 2 runs x 3 checkpoints)")
+    p.add_argument("--lora-size", default="default", choices=list(SIZES),
+                   help="the setup whose init the LoRA runs adapt (default: default)")
     p.add_argument("--python", default=sys.executable, help="interpreter for warpmerge/floor")
-    p.add_argument("--timeout", type=float, default=TIMEOUT_S,
+    p.add_argument("--timeout", type=float, default=measure.TIMEOUT_S,
                    help="seconds before a command is killed as hung (default 900)")
     args = p.parse_args(argv)
-    globals()["TIMEOUT_S"] = args.timeout
+    measure.TIMEOUT_S = args.timeout
     args.workdir = args.workdir.resolve()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
@@ -955,8 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip() not in ("", "none")]
     args.agreement_size = "default" if "default" in sizes or not sizes else sizes[0]
     try:
-        setups = [make_setup(s) for s in sizes]
-    except BenchError as exc:
+        chosen = [make_setup(s) for s in sizes]
+    except ValueError as exc:
         p.error(str(exc))
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -964,9 +714,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"warpmerge source: {results['warpmerge']}", flush=True)
     t0 = time.perf_counter()
     try:
-        for setup in setups:
+        for setup in chosen:
             reps = args.repeats if (setup.name == "default" or args.sweep_repeats is None) \
                 else args.sweep_repeats
+            why = disk_too_small(setup, args.workdir)
+            if why:
+                print(f"== {setup.name}: {why}", flush=True)
+                continue
             print(f"== {setup.name} ({reps} repeats)", flush=True)
             results["sizes"].append(bench_size(setup, args, reps))
         for s in results["sizes"]:
@@ -980,15 +734,10 @@ def main(argv: list[str] | None = None) -> int:
             for v, r in mc["variants"].items():
                 print(f"  {v:<32} {r['seconds']:6.2f} s  cpu {r['cpu']:6.2f} s  "
                       f"peak anon {mib(r['peak_anon']):>6} MiB")
-        if args.breakdown:
-            size = "default" if "default" in sizes or not sizes else sizes[0]
-            print(f"\n== where warpmerge's time goes ({size}, median of {args.repeats})",
-                  flush=True)
-            results["breakdown"] = breakdown(args, size)
-        if args.determinism:
-            size = "default" if "default" in sizes or not sizes else sizes[0]
-            print(f"\n== determinism ({size})", flush=True)
-            results["determinism"] = determinism(args, size)
+        if args.lora:
+            print(f"\n== LoRA runs ({args.repeats} repeats)", flush=True)
+            results["lora"] = bench_lora(args, args.repeats)
+            print_lora(results["lora"])
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
