@@ -76,7 +76,7 @@ from setups import (  # noqa: E402
     make_setup,
 )
 
-from warpmerge.sources import open_checkpoint  # noqa: E402  (moving to warpmerge.modelfolder)
+from warpmerge.modelfolder import open_checkpoint  # noqa: E402
 
 MU, ETA = 0.01, 0.3  # EMA rate (checkpoints setups.EVERY steps apart) and LITI's eta
 METHODS = ("warpmerge", "warpmerge-layer", "mergekit", "floor", "floor-fastexit")

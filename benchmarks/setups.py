@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from warpmerge.demo import DEMO_CONFIG, gemma2_shapes
-from warpmerge.writer import OutTensor, ShardedWriter
+from warpmerge.shards import OutTensor, plan_shards
+from warpmerge.writer import ShardedWriter
 
 EVERY = 100  # optimizer steps between saved checkpoints
 SHARD_BYTES = 100 * 10**6  # input shards: at most 100 MB, as the Hub's smaller models
@@ -129,7 +130,8 @@ def generate(setup: Setup, root: Path, log: bool = True) -> None:
     import torch
 
     shapes = setup.shapes()
-    plan = [OutTensor(n, torch.bfloat16, s) for n, s in shapes.items()]
+    layout = plan_shards([OutTensor(n, torch.bfloat16, s) for n, s in shapes.items()],
+                         SHARD_BYTES)
     partial = root.with_name(root.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -137,7 +139,7 @@ def generate(setup: Setup, root: Path, log: bool = True) -> None:
     writers = []
     for d in pdirs:
         d.mkdir(parents=True)
-        writers.append(ShardedWriter(d, plan, SHARD_BYTES))
+        writers.append(ShardedWriter(d, layout))
     t0 = time.perf_counter()
     for name, shape in shapes.items():
         for w in writers:
