@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +106,113 @@ def test_an_error_comes_out_in_order_and_the_pool_stays_usable(threads):
         assert list(pool.map(lambda s, h, x: x, range(10))) == list(range(10))
     finally:
         pool.close()
+
+
+# --- inputs that change under a running merge -------------------------------------------------
+
+CHANGING_YAML = """\
+init: init
+policies:
+  - {name: a, checkpoints: [run-a/step-1, run-a/step-2]}
+  - {name: b, checkpoints: [run-b/step-1, run-b/step-2]}
+ema: {mu: 0.2}
+output: {path: out, shard_size: 4MB}
+"""
+LAYERS, H = 8, 1024  # 8 groups of one 4 MB tensor, a shard each
+
+
+@pytest.fixture(scope="module")
+def changing_base(tmp_path_factory) -> Path:
+    """init + 2 runs x 2 checkpoints, float32, 33 MB each (drift: rolled copies of one noise)."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("changing")
+    noise = torch.randn(H * H, generator=torch.Generator().manual_seed(0))
+    init = {f"model.layers.{i}.mlp.weight": torch.roll(noise, 7919 * i).view(H, H) * 0.1
+            for i in range(LAYERS)}
+    models = {"init": init}
+    for r, run in enumerate("ab"):
+        cur = init
+        for t in (1, 2):
+            cur = {k: v + 0.01 * torch.roll(noise, 104729 * (2 * r + t)).view(H, H)
+                   for k, v in cur.items()}
+            models[f"run-{run}/step-{t}"] = cur
+    for name, tensors in models.items():
+        (root / name).mkdir(parents=True)
+        save_file(tensors, str(root / name / "model.safetensors"), metadata={"format": "pt"})
+    (root / "warp.yaml").write_text(CHANGING_YAML)
+    return root
+
+
+def _change(path: Path, how: str) -> None:
+    if how == "truncated":  # as a crashed or killed save leaves it
+        os.truncate(path, path.stat().st_size // 2)
+    elif how == "replaced":  # a new file renamed over it, same size (a re-save)
+        fresh = path.with_name("fresh.tmp")
+        shutil.copyfile(path, fresh)
+        os.replace(fresh, path)
+    else:  # save_total_limit deleting it
+        path.unlink()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["truncated", "replaced", "deleted"])
+def test_an_input_changed_mid_run_fails_cleanly_naming_it(changing_base, tmp_path, how):
+    """Changed once the first output shard exists: exit 1, one line naming the file, and
+    neither the output nor its staging folder left behind."""
+    root = tmp_path / "setup"
+    shutil.copytree(changing_base, root, copy_function=os.link)  # the victim gets a real copy
+    victim = root / "run-b" / "step-2" / "model.safetensors"
+    victim.unlink()
+    shutil.copyfile(changing_base / "run-b" / "step-2" / "model.safetensors", victim)
+    out = root / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "warpmerge", "run", str(root / "warp.yaml"), "-q", "--out",
+         str(out), "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first_shard = root / ".out.warpmerge-partial" / "model-00001-of-00008.safetensors"
+    try:
+        deadline = time.monotonic() + 60
+        while not first_shard.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        assert first_shard.exists(), proc.communicate()
+        _change(victim, how)
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err.decode()
+    assert proc.returncode == 1, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert str(victim) in err and how in err, err
+    assert stdout == b""
+    assert sorted(p.name for p in root.iterdir()) == ["init", "run-a", "run-b", "warp.yaml"]
+
+
+def test_reads_are_exact_and_a_truncated_file_is_a_short_read(changing_base, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from warpmerge.errors import RunError
+    from warpmerge.sources import open_checkpoint
+
+    folder = tmp_path / "m"
+    shutil.copytree(changing_base / "run-a" / "step-1", folder)
+    ckpt = open_checkpoint(folder, "ckpt")
+    ckpt.open_files()
+    try:
+        want = load_file(str(folder / "model.safetensors"))
+        name = "model.layers.7.mlp.weight"
+        raw = torch.empty(8 * 5000, dtype=torch.uint8)
+        got = ckpt.read_into(ckpt.tensors[name], 123_456, 5000, raw)
+        assert torch.equal(got, want[name].flatten()[123_456:128_456])
+        ckpt.check_unchanged()
+        os.truncate(folder / "model.safetensors", ckpt.tensors[name].offset + 1000)
+        with pytest.raises(RunError, match=f"ckpt: {folder / 'model.safetensors'} was truncated"):
+            ckpt.read_into(ckpt.tensors[name], 123_456, 5000, raw)
+        with pytest.raises(RunError, match="was truncated during the merge"):
+            ckpt.check_unchanged()
+    finally:
+        ckpt.close()

@@ -146,6 +146,8 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
                     bars.write.update(data.numel() * data.element_size())
     if next(results, None) is not None:
         raise RuntimeError("more chunk results than tensors")
+    for ckpt in plan.inputs:  # a group computed from a file that changed meanwhile is void
+        ckpt.check_unchanged()
     return GroupResult(group.name, group.float_numel, list(coefs), steps, gram)
 
 

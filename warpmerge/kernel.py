@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .plan import Group, Plan
 
 BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
+RAW_ITEMSIZE = 8  # bytes per element of the widest input dtype (float64)
 CACHE_ALIGN = 64  # elements: a chunk sits at the same alignment in the cache as in a workspace
 
 
@@ -70,9 +71,11 @@ class GroupState:
 
 
 class Workspace:
-    """One worker thread's float32 buffers: θ_init, task vectors, and two for intermediates."""
+    """One worker thread's buffers: an input's raw bytes, then in float32 θ_init, the task
+    vectors, and two for intermediates."""
 
     def __init__(self, chunk: int, n_runs: int) -> None:
+        self.raw = torch.empty(chunk * RAW_ITEMSIZE, dtype=torch.uint8)
         self.init = torch.empty(chunk)
         self.tmp = torch.empty(chunk)
         self.merged = torch.empty(chunk)
@@ -80,7 +83,7 @@ class Workspace:
 
     @staticmethod
     def nbytes(chunk: int, n_runs: int) -> int:
-        return chunk * 4 * (3 + n_runs)
+        return chunk * (RAW_ITEMSIZE + 4 * (3 + n_runs))
 
 
 class Results:
@@ -166,7 +169,7 @@ class Kernel:
         Differences first: a tensor a run never changed gives an exactly zero δ_m.
         """
         init, targets = self._places(state, work, c)
-        _read(self.init, c, init)
+        _read(self.init, c, init, work)
         deltas = [self._accumulate(c, work, run, coefs, init, d) for run, coefs, d
                   in zip(self.runs, self.ema_coefs, targets, strict=True)]
         return init, deltas
@@ -190,7 +193,7 @@ class Kernel:
             if a == 0.0:
                 continue
             target = d if first else tmp
-            _read(ckpt, c, target)
+            _read(ckpt, c, target, work)
             target.sub_(init)
             if first:
                 if a != 1.0:
@@ -209,5 +212,5 @@ class Kernel:
                                  "(use --allow-nonfinite to merge anyway)")
 
 
-def _read(ckpt: Checkpoint, c: Chunk, out: torch.Tensor) -> None:
-    out.copy_(ckpt.read(ckpt.lookup(c.info.name), c.start, c.count))
+def _read(ckpt: Checkpoint, c: Chunk, out: torch.Tensor, work: Workspace) -> None:
+    out.copy_(ckpt.read_into(ckpt.lookup(c.info.name), c.start, c.count, work.raw))
