@@ -15,7 +15,7 @@ import torch
 
 from .config import WarpConfig, format_eta
 from .errors import ConfigError
-from .kernel import BLOCK, GroupState, Layout, aligned
+from .kernel import BLOCK, GroupState, Results, Workspace, aligned
 from .ops import ema_coefficients
 from .sources import (
     HEAD_NAME,
@@ -105,9 +105,9 @@ class Plan:
 
     def workspace_bytes(self) -> int:
         """The chunk buffers: each worker's scratch, and the results of the jobs in flight."""
-        layout = Layout.of(self)
-        results = layout.results_nbytes * JOB_CHUNKS
-        return layout.workspace_nbytes * self.threads + results * (self.threads + 1)
+        workspace = Workspace.nbytes(self.chunk, len(self.runs))
+        results = Results.nbytes(self.chunk, self.n_outputs) * JOB_CHUNKS
+        return workspace * self.threads + results * (self.threads + 1)
 
     def cache_bytes(self, group: Group) -> int:
         return GroupState.cache_nbytes(len(self.runs), group.cache_numel)

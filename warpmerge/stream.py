@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
-from .kernel import Chunk, GroupState, Kernel, Layout, Results, Workspace, float_chunks
+from .kernel import Chunk, GroupState, Kernel, Results, Workspace, float_chunks
 from .plan import JOB_CHUNKS, Group, Plan
 from .pool import OrderedPool
 
@@ -26,11 +25,10 @@ class Streamer:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.kernel = Kernel(plan)
-        layout = Layout.of(plan)
         self.pool: OrderedPool[Workspace, Results] = OrderedPool(
-            plan.threads, JOB_CHUNKS, lambda: Workspace(layout), lambda: Results(layout),
-            init_thread=_one_torch_thread)
-        self._store: np.ndarray | None = None  # allocated once, at the largest size needed
+            plan.threads, JOB_CHUNKS, lambda: Workspace(plan.chunk, len(plan.runs)),
+            lambda: Results(plan.chunk, plan.n_outputs), init_thread=_one_torch_thread)
+        self._store: torch.Tensor | None = None  # allocated once, at the largest size needed
 
     def close(self) -> None:
         self.pool.close()
@@ -40,11 +38,12 @@ class Streamer:
 
     def cache(self, group: Group) -> GroupState:
         """A state whose cache has room for the group's θ_init and task vectors."""
-        rows, stride = len(self.plan.runs) + 1, group.cache_numel
-        if self._store is None or self._store.size < rows * stride:
+        stride = group.cache_numel
+        need = GroupState.cache_nbytes(len(self.plan.runs), stride) // 4
+        if self._store is None or self._store.numel() < need:
             self._store = None  # the old store goes before the new one is made
-            self._store = np.empty(rows * stride, dtype=np.float32)
-        return GroupState(cache=self._store[:rows * stride].reshape(rows, stride))
+            self._store = torch.empty(need)
+        return GroupState(cache=self._store[:need], stride=stride)
 
     def gram_sums(self, state: GroupState, chunks: list[Chunk]) -> Iterator[list[list[float]]]:
         """Pass 1: each chunk's block partial sums, in chunk order."""
