@@ -179,10 +179,10 @@ class OpenFile:
             raise RunError(f"{self.label}: {self.path} was deleted during the merge") from None
         if _identity(now)[:2] != self.identity[:2]:
             raise RunError(f"{self.label}: {self.path} was replaced during the merge")
-        size = os.fstat(self.fd).st_size
-        if size < self.identity[2]:
+        opened = _identity(os.fstat(self.fd))
+        if opened[2] < self.identity[2]:
             raise RunError(f"{self.label}: {self.path} was truncated during the merge")
-        if _identity(os.fstat(self.fd)) != self.identity:
+        if opened != self.identity:
             raise RunError(f"{self.label}: {self.path} was modified during the merge")
 
     def close(self) -> None:
