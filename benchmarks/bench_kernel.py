@@ -67,25 +67,28 @@ def run_merge(python: str, tree: Path, cfg: Path, out: Path, threads: int,
 def merge(args: argparse.Namespace) -> None:
     trees = [Path(t).resolve() for t in args.trees]
     extra = json.loads(args.extra)
-    results: dict[Path, list[dict]] = {t: [] for t in trees}
+    threads = [int(t) for t in args.threads.split(",")]
+    variants = [(tree, n) for tree in trees for n in threads]
+    results: dict[tuple[Path, int], list[dict]] = {v: [] for v in variants}
     for r in range(args.repeats):
-        order = trees[r % len(trees):] + trees[:r % len(trees)]
-        for tree in order:
-            results[tree].append(run_merge(args.python, tree, args.config, args.out,
-                                           args.threads, extra))
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for tree, n in order:
+            results[(tree, n)].append(run_merge(args.python, tree, args.config, args.out, n,
+                                                extra))
     base = None
-    for tree in trees:
-        cpu = statistics.median(x["cpu"] for x in results[tree])
-        wall = statistics.median(x["wall"] for x in results[tree])
-        total = statistics.median(x["process_cpu"] for x in results[tree])
-        imports = statistics.median(x["imports"] for x in results[tree])
-        startup = statistics.median(x["startup"] for x in results[tree])
+    for tree, n in variants:
+        runs = results[(tree, n)]
+        cpu = statistics.median(x["cpu"] for x in runs)
+        wall = statistics.median(x["wall"] for x in runs)
+        total = statistics.median(x["process_cpu"] for x in runs)
+        imports = statistics.median(x["imports"] for x in runs)
+        startup = statistics.median(x["startup"] for x in runs)
         base = base or (cpu, wall, total)
-        print(f"{str(tree)}: merge cpu {cpu:.2f} s ({cpu / base[0]:.2f}x), "
+        print(f"{tree} --threads {n}: merge cpu {cpu:.2f} s ({cpu / base[0]:.2f}x), "
               f"wall {wall:.2f} s ({wall / base[1]:.2f}x); whole process cpu {total:.2f} s "
               f"({total / base[2]:.2f}x); imports cpu {imports:.2f} s, with the compiled "
-              f"loops loaded {startup:.2f} s; merge cpu of each run "
-              f"{[round(x['cpu'], 2) for x in results[tree]]}")
+              f"loops loaded {startup:.2f} s; merge cpu, wall of each run "
+              f"{[(round(x['cpu'], 2), round(x['wall'], 2)) for x in runs]}")
 
 
 def accuracy(args: argparse.Namespace) -> None:
@@ -390,7 +393,7 @@ def main() -> None:
     m.add_argument("config", type=Path)
     m.add_argument("trees", nargs="+", help="code trees (folders holding warpmerge/)")
     m.add_argument("--out", type=Path, default=Path("/tmp/bench-kernel-out"))
-    m.add_argument("--threads", type=int, default=1)
+    m.add_argument("--threads", default="1", help="thread counts to alternate, e.g. 1,2")
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--python", default=sys.executable, help="interpreter to run them with")
     m.add_argument("--extra", default="{}", help="more keyword arguments of warpmerge.run (JSON)")
