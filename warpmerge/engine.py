@@ -18,7 +18,7 @@ import errno
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,13 @@ import torch
 from .errors import Interrupted, RunError
 from .journal import NAME as JOURNAL
 from .journal import Journal, fingerprint
+from .kernel import GroupState
 from .metadata import build_provenance, write_model_files, write_provenance
 from .ops import ChainStep, chain_coefficients
 from .planner import Group, Plan
 from .probes import probe_machine
 from .progress import Counter, Progress, silent
-from .stream import Streamer, chunks
+from .stream import Streamer
 from .units import format_bytes
 from .writer import ShardedWriter, Staging
 
@@ -112,11 +113,12 @@ class _Bars:
 
 def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
                  bars: _Bars) -> GroupResult:
+    """Pass 1 (several runs: the Gram matrix, then the chain coefficients), then pass 2."""
+    chunks = s.chunks(group)
     if plan.needs_gram:
-        s.begin_group(group, cache=plan.cacheable(group))
-        partials: list[list[float]] = []
-        jobs = chunks(plan, group, True)
-        for c, sums in zip(chunks(plan, group, True), s.ordered(s.gram_job, jobs), strict=True):
+        pass1 = s.cache(group) if plan.cacheable(group) else GroupState()
+        partials: list[list[list[float]]] = []
+        for c, sums in zip(chunks, s.gram_sums(pass1, chunks), strict=True):
             partials.append(sums)
             bars.gram.update(_chunk_bytes(plan, c))
         M = len(plan.runs)
@@ -125,11 +127,12 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
                  for k, p in enumerate(pairs)}
         gram = [[total[(min(i, j), max(i, j))] for j in range(M)] for i in range(M)]
         weights = [p.weight for p in plan.config.runs]
-        s.coefs, steps = chain_coefficients(gram, weights, plan.config.slerp.lam, total[(M, M)])
+        coefs, steps = chain_coefficients(gram, weights, plan.config.slerp.lam, total[(M, M)])
+        pass2 = replace(pass1, coefs=tuple(coefs))  # the cache, when kept, holds the δ_m
     else:
-        s.begin_group(group, cache=False)
-        s.coefs, steps, gram = [1.0], [], None
-    results = s.ordered(s.write_job, chunks(plan, group, True))
+        coefs, steps, gram = [1.0], [], None
+        pass2 = GroupState(coefs=(1.0,))
+    results = s.outputs(pass2, chunks)
     for info in group.tensors:
         for w in outs.writers:
             w.begin_tensor(info.name)
@@ -146,7 +149,9 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
                     bars.write.update(data.numel() * data.element_size())
     if next(results, None) is not None:
         raise RuntimeError("more chunk results than tensors")
-    return GroupResult(group.name, group.float_numel, s.coefs, steps, gram)
+    for ckpt in plan.inputs.all:  # a group computed from a file that changed meanwhile is void
+        ckpt.check_unchanged()
+    return GroupResult(group.name, group.float_numel, list(coefs), steps, gram)
 
 
 def _chunk_bytes(plan: Plan, c: Any) -> int:

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import struct
+import threading
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, RunError
 
 # safetensors dtype code -> torch dtype. Floats are merged; the rest are copied from the init.
 DTYPES: dict[str, torch.dtype] = {
@@ -93,7 +93,8 @@ class Checkpoint:
     commit: str | None = None
     download_bytes: int = 0
     trust_links: bool = False  # a Hub snapshot: its files are links into the cache
-    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    _files: dict[Path, OpenFile] = field(default_factory=dict, repr=False, compare=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def lookup(self, name: str) -> TensorInfo | None:
         """The tensor, with an absent lm_head.weight meaning 'tied to the embedding'."""
@@ -103,35 +104,103 @@ class Checkpoint:
         return info
 
     def read(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
-        """Elements [start, start+count) of a tensor: a view on the file's map, no copy.
+        """Elements [start, start+count) of a tensor, in a new tensor of its dtype."""
+        raw = torch.empty(count * info.dtype.itemsize, dtype=torch.uint8)
+        return self.read_into(info, start, count, raw)
 
-        Converting from the view reads straight from the page cache (file-backed memory, not
-        the process's own). Header checks made sure every tensor lies inside its file.
+    def read_into(self, info: TensorInfo, start: int, count: int,
+                  raw: torch.Tensor) -> torch.Tensor:
+        """Elements [start, start+count) of a tensor, read into `raw` (bytes, large enough).
+
+        `pread`, not a file map: an input truncated under a running merge then shows as a
+        short read, reported as a RunError naming the file, where a map would kill the
+        process with SIGBUS. Header checks made sure every tensor lies inside its file.
         """
-        if not count:
-            return torch.empty(0, dtype=info.dtype)
-        mapped = self._maps.get(info.file) or self._map(info.file)
-        return torch.frombuffer(mapped, dtype=info.dtype, count=count,
-                                offset=info.offset + start * info.dtype.itemsize)
+        nbytes = count * info.dtype.itemsize
+        opened = self._files.get(info.file) or self._open(info.file)
+        opened.read(raw.numpy()[:nbytes], info.offset + start * info.dtype.itemsize)
+        return raw[:nbytes].view(info.dtype)
 
-    def _map(self, path: Path) -> mmap.mmap:
-        with open(path, "rb") as f:  # a private map: torch wants a writable buffer; none writes
-            mapped = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        return mapped
+    def _open(self, path: Path) -> OpenFile:
+        with self._opening:
+            opened = self._files.get(path)
+            if opened is None:
+                size = next(f.size for f in self.files if self.path / f.name == path)
+                opened = self._files[path] = OpenFile.open(path, size, self.label)
+        return opened
 
     def open_files(self) -> None:
-        """Map every file up front, so that worker threads only ever read the shared maps."""
+        """Open every file up front, checking each is the one planned (its size)."""
         for info in self.tensors.values():
-            if info.file not in self._maps:
-                self._map(info.file)
+            if info.file not in self._files:
+                self._open(info.file)
+
+    def check_unchanged(self) -> None:
+        """Raise RunError if a file opened for this merge was since replaced, deleted,
+        truncated or rewritten (training still saving and deleting checkpoints)."""
+        for opened in self._files.values():
+            opened.check_unchanged()
 
     def close(self) -> None:
-        for mapped in self._maps.values():
-            try:
-                mapped.close()
-            except BufferError:  # a tensor still views it: the map goes with that tensor
-                pass
-        self._maps.clear()
+        for opened in self._files.values():
+            opened.close()
+        self._files.clear()
+
+
+@dataclass
+class OpenFile:
+    """One input file open for reading, with what identified it when it was opened."""
+
+    path: Path
+    label: str
+    fd: int
+    identity: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
+
+    @classmethod
+    def open(cls, path: Path, planned_size: int, label: str) -> OpenFile:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise RunError(f"{label}: {path} was deleted during the merge") from None
+        except OSError as exc:
+            raise RunError(f"{label}: cannot read {path}: {exc.strerror}") from None
+        opened = cls(path, label, fd, _identity(os.fstat(fd)))
+        if opened.identity[2] != planned_size:
+            opened.close()
+            raise RunError(f"{label}: {path} changed during the merge (its size)")
+        return opened
+
+    def read(self, out: memoryview, offset: int) -> None:
+        """Fill `out` from `offset`; a short read means the file was truncated."""
+        view = memoryview(out).cast("B")
+        done = 0
+        while done < len(view):
+            got = os.preadv(self.fd, [view[done:]], offset + done)
+            if got == 0:
+                raise RunError(f"{self.label}: {self.path} was truncated during the merge")
+            done += got
+
+    def check_unchanged(self) -> None:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            raise RunError(f"{self.label}: {self.path} was deleted during the merge") from None
+        if _identity(now)[:2] != self.identity[:2]:
+            raise RunError(f"{self.label}: {self.path} was replaced during the merge")
+        opened = _identity(os.fstat(self.fd))
+        if opened[2] < self.identity[2]:
+            raise RunError(f"{self.label}: {self.path} was truncated during the merge")
+        if opened != self.identity:
+            raise RunError(f"{self.label}: {self.path} was modified during the merge")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _show(name: str) -> str:

@@ -15,21 +15,16 @@ from functools import cached_property
 from pathlib import Path
 
 from .config import WarpConfig
+from .kernel import BLOCK, GroupState, Results, Workspace, aligned
 from .modelfolder import FLOAT_DTYPES, HEAD_NAME, Checkpoint, TensorInfo
 from .ops import ema_coefficients
 from .probes import Machine
 from .resolve import Inputs
 from .shards import OutTensor, ShardLayout, plan_shards
 
-BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
 DEFAULT_CHUNK = 1 << 18  # elements per chunk: a worker's buffers stay in the CPU cache
 JOB_CHUNKS = 4  # chunks per worker job: a hand-off between threads costs more than a chunk
 LAYER = re.compile(r"^(.*?layers\.\d+)\.")
-CACHE_ALIGN = 64  # elements
-
-
-def aligned(n: int) -> int:
-    return -(-n // CACHE_ALIGN) * CACHE_ALIGN
 
 
 @dataclass(frozen=True)
@@ -142,12 +137,12 @@ class Plan:
 
     def workspace_bytes(self) -> int:
         """The chunk buffers: each worker's scratch, and the results of the jobs in flight."""
-        scratch = self.chunk * 4 * (3 + len(self.runs))
-        results = self.chunk * 4 * self.n_outputs * JOB_CHUNKS
-        return scratch * self.threads + results * (self.threads + 1)
+        workspace = Workspace.nbytes(self.chunk, len(self.runs))
+        results = Results.nbytes(self.chunk, self.n_outputs) * JOB_CHUNKS
+        return workspace * self.threads + results * (self.threads + 1)
 
     def cache_bytes(self, group: Group) -> int:
-        return (len(self.runs) + 1) * 4 * group.cache_numel
+        return GroupState.cache_nbytes(len(self.runs), group.cache_numel)
 
     def cacheable(self, group: Group) -> bool:
         """Whether pass 1 keeps the group's task vectors so that pass 2 reads nothing."""
