@@ -277,10 +277,12 @@ PEFT_CASES = {
     "all-linear-rslora": dict(target_modules="all-linear", r=4, lora_alpha=6, use_rslora=True),
     "layers-to-transform": dict(target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
                                 layers_pattern="layers", r=2, lora_alpha=4),
-    "exclude": dict(target_modules=["q_proj", "o_proj"], exclude_modules=["layers.0.self_attn.o_proj"]),
+    "exclude": dict(target_modules=["q_proj", "o_proj"],
+                    exclude_modules=["layers.0.self_attn.o_proj"]),
     "bias-all": dict(target_modules=["q_proj"], bias="all"),
     "bias-lora-only": dict(target_modules=["k_proj", "gate_proj"], bias="lora_only"),
-    "lora-bias": dict(target_modules=["q_proj", "v_proj", "up_proj"], lora_bias=True),
+    "lora-bias": dict(target_modules=["q_proj", "v_proj", "o_proj"], lora_bias=True,
+                      lora_alpha=3, r=2, bias="lora_only"),
     "patterns": dict(target_modules=["q_proj", "v_proj", "o_proj", "up_proj"], r=4,
                      lora_alpha=8,
                      rank_pattern={r"layers\.0\.self_attn\.q_proj": 2, "v_proj": 3,
@@ -288,7 +290,8 @@ PEFT_CASES = {
                      alpha_pattern={r"model\.layers\.1\..*": 3, "o_proj": 12}),
     "dora": dict(target_modules=["q_proj", "o_proj", "down_proj"], use_dora=True, r=3,
                  lora_alpha=5, rank_pattern={"down_proj": 2}),
-    "dora-lora-bias": dict(target_modules=["k_proj"], use_dora=True, lora_bias=True),
+    "dora-all-linear": dict(target_modules="all-linear", use_dora=True, use_rslora=True,
+                            modules_to_save=["post_attention_layernorm"]),
     "embedding": dict(target_modules=["embed_tokens", "v_proj"], r=4, lora_alpha=4),
     "modules-to-save": dict(target_modules=["q_proj"], modules_to_save=["norm"]),
 }
@@ -355,3 +358,15 @@ def test_fan_in_fan_out_conv1d_layers_of_gpt2(tmp_path):
     adapter = open_adapter(adapter_dir, "gpt2", init_infos(init_dir))
     assert adapter.edits["transformer.h.0.attn.c_proj.weight"].low_rank.transposed
     assert_merges_like(adapter, init_tensors(init_dir), merged)
+
+
+@pytest.mark.slow
+def test_dora_on_an_embedding_is_refused(tmp_path):
+    """PEFT's DoRA on an embedding normalises columns (over the whole vocabulary): not
+    streamable by rows, so refused, naming the magnitude tensor."""
+    pytest.importorskip("peft")
+    init_dir, adapter_dir, _ = peft_adapter(tmp_path, gemma(), dict(
+        target_modules=["embed_tokens"], use_dora=True))
+    with pytest.raises(InputError, match=r"adapter_model.safetensors: tensor "
+                       r"base_model\.model\.model\.embed_tokens\.lora_magnitude_vector"):
+        open_adapter(adapter_dir, "x", init_infos(init_dir))
