@@ -249,6 +249,10 @@ def test_pickled_adapter_is_refused_never_opened(tmp_path):
     (dict(config={"target_modules": ["k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                      "down_proj"]}), (Q + ".lora_A.weight", "target_modules")),
     (dict(config={"layers_to_transform": [1]}), (".layers.0.", "target_modules")),
+    (dict(config={"exclude_modules": ["layers.0.self_attn.q_proj"]}),
+     (Q + ".lora_A.weight", "target_modules")),
+    (dict(config={"target_modules": r".*\.(k|v|o|gate|up|down)_proj"}),
+     (".q_proj.lora_A.weight", "target_modules")),
     # DoRA parts without DoRA, and DoRA without its magnitude
     (dict(add={Q + ".lora_magnitude_vector": torch.ones(96)}),
      (Q + ".lora_magnitude_vector", "use_dora")),
