@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from warpmerge import adapters
 from warpmerge.adapters import ROW_BLOCK, is_adapter, open_adapter
 from warpmerge.errors import InputError
-from warpmerge.sources import read_header
+from warpmerge.modelfolder import read_header
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BASE = FIXTURES / "gemma2-tiny"

@@ -25,7 +25,7 @@ import torch
 
 from .adapter_config import CONFIG_FILE, LoraSpec, read_lora_config
 from .errors import InputError
-from .sources import TensorInfo, read_header
+from .modelfolder import TensorInfo, read_header
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS = "adapter_model.bin"
