@@ -42,12 +42,19 @@ def test_fixture_float32(reference: dict[str, torch.Tensor]) -> None:
 
 
 def test_fixture_bfloat16(reference: dict[str, torch.Tensor]) -> None:
-    rm = Gemma2RewardModel.from_pretrained(FIXTURE, dtype=torch.bfloat16)
     ids = reference["input_ids"]
-    scores = rm(ids, attention_mask=padding_mask(reference["lengths"], ids.shape[1]))
+    mask = padding_mask(reference["lengths"], ids.shape[1])
+    exact = Gemma2RewardModel.from_pretrained(
+        FIXTURE, dtype=torch.bfloat16, compute_dtype=torch.bfloat16
+    )
+    scores = exact(ids, attention_mask=mask)
     assert scores.dtype == torch.float32
     # bfloat16 rounding differs between CPUs (the fixture's README: a few 1e-2)
     assert (scores - reference["scores_bf16"]).abs().max() <= 5e-2
+    # bf16 weights computed in float32 (the CPU default) land nearer the float32 truth
+    default = Gemma2RewardModel.from_pretrained(FIXTURE, dtype=torch.bfloat16)(ids, mask)
+    ours_error = (default - reference["scores_fp32"]).abs().max()
+    assert ours_error < (reference["scores_bf16"] - reference["scores_fp32"]).abs().max()
 
 
 def test_without_mask_reads_the_last_position(reference: dict[str, torch.Tensor]) -> None:
