@@ -18,6 +18,7 @@ copies of it in memory, and must be fast on a CPU.
 
 from .config import (
     BOS_ID,
+    DEFAULT_STOP_IDS,
     END_OF_TURN_ID,
     EOS_ID,
     FULL,
@@ -27,7 +28,7 @@ from .config import (
     UNK_ID,
     Gemma2Config,
 )
-from .generate import DEFAULT_STOP_IDS, generate, next_token_probs, pick
+from .generate import generate, next_token_probs, pick
 from .loading import checkpoint_layout, checkpoint_shapes, default_compute_dtype
 from .model import Gemma2, Gemma2RewardModel, KVCache
 from .text import (

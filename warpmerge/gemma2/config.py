@@ -20,6 +20,7 @@ from warpmerge.errors import InputError
 # Token ids of the Gemma 2 vocabulary (fixed by the released tokenizer).
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
+DEFAULT_STOP_IDS: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)  # what ends an -it model's turn
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification")

@@ -12,10 +12,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from .config import END_OF_TURN_ID, EOS_ID
+from .config import DEFAULT_STOP_IDS
 from .model import Gemma2, KVCache
-
-DEFAULT_STOP_IDS: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)
 
 
 def next_token_probs(logits: Tensor, temperature: float, top_k: int | None = None) -> Tensor:

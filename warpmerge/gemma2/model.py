@@ -12,6 +12,7 @@ block of rows at a time, just before its product, so the model stays bfloat16-si
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import Gemma2Config
+from .config import DEFAULT_STOP_IDS, Gemma2Config
 
 CAST_BLOCK = 1 << 22  # elements of a weight cast to the compute dtype at once (16 MiB in fp32)
 NARROW_ROWS = 4  # up to this many rows, a product runs in the weight's own (narrower) dtype
@@ -375,11 +376,19 @@ class Gemma2(nn.Module):
         """log softmax of the next-token logits at every position, [B, T, V], in float32."""
         return torch.log_softmax(self(input_ids).float(), dim=-1)
 
-    def generate(self, input_ids: Tensor, max_new_tokens: int, **sampling: object) -> Tensor:
-        """See `generate.generate` (greedy by default; temperature, top_k, generator, stop_ids)."""
-        from .generate import generate
+    def generate(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        stop_ids: Iterable[int] = DEFAULT_STOP_IDS,
+    ) -> Tensor:
+        """New tokens after `input_ids`, greedy by default; see `generate.generate`."""
+        from .generate import generate  # generate drives this class: imported late
 
-        return generate(self, input_ids, max_new_tokens, **sampling)  # type: ignore[arg-type]
+        return generate(self, input_ids, max_new_tokens, temperature, top_k, generator, stop_ids)
 
 
 class Gemma2RewardModel(nn.Module):
