@@ -7,6 +7,7 @@ transformers run here on random models of assorted shapes, saved in both config 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from warpmerge.gemma2 import (
     decode,
     encode_instruction,
     load_tokenizer,
+    render_chat,
+    render_instruction,
     stop_ids_for,
 )
 
@@ -142,7 +145,8 @@ def hf_logits(folder: Path, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def our_logits(folder: Path, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    model = Gemma2.from_pretrained(folder, dtype=dtype)
+    """Computed in `dtype` itself, as transformers does (not float32 for bf16 weights)."""
+    model = Gemma2.from_pretrained(folder, dtype=dtype, compute_dtype=dtype)
     with torch.inference_mode():
         return model(ids).float()
 
@@ -169,7 +173,7 @@ def test_fixture_float32(reference: dict[str, torch.Tensor]) -> None:
 
 
 def test_fixture_bfloat16(reference: dict[str, torch.Tensor]) -> None:
-    model = Gemma2.from_pretrained(FIXTURE, dtype=torch.bfloat16)
+    model = Gemma2.from_pretrained(FIXTURE, dtype=torch.bfloat16, compute_dtype=torch.bfloat16)
     with torch.inference_mode():
         logits = model(reference["input_ids"])
     assert logits.dtype == torch.bfloat16
@@ -179,6 +183,21 @@ def test_fixture_bfloat16(reference: dict[str, torch.Tensor]) -> None:
     # different kernel rounding), so allow that; the exact comparison is test_matches_local_hf.
     assert diff.max() <= 3e-2
     assert (diff > 2e-2).float().mean() <= 1e-3
+
+
+def test_bfloat16_weights_computed_in_float32_are_closer_to_the_truth(
+    reference: dict[str, torch.Tensor],
+) -> None:
+    """bf16 weights computed in float32 (the CPU default) err half as much as transformers' bf16."""
+    model = Gemma2.from_pretrained(FIXTURE, dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # the memory of bf16
+    with torch.inference_mode():
+        logits = model(reference["input_ids"])
+    assert logits.dtype == torch.float32
+    ours = (logits - reference["logits_fp32"]).abs()
+    theirs = (reference["logits_bf16"] - reference["logits_fp32"]).abs()
+    assert ours.mean() < 0.7 * theirs.mean()
+    assert ours.max() < theirs.max()
 
 
 @pytest.mark.slow
@@ -271,7 +290,7 @@ def test_bad_inputs(tmp_path: Path) -> None:
     deeper = tmp_path / "deeper"
     deeper.mkdir()
     (deeper / "config.json").write_text(json.dumps(raw))
-    (deeper / "model.safetensors").symlink_to(FIXTURE / "model.safetensors")
+    shutil.copy(FIXTURE / "model.safetensors", deeper)  # a link out of the folder is refused
     with pytest.raises(InputError, match="model.layers.4"):
         Gemma2.from_pretrained(deeper)
 
@@ -337,6 +356,34 @@ def test_generation_stops_and_samples() -> None:
     assert torch.equal(draws[0], draws[1])
 
 
+@pytest.mark.parametrize(("temperature", "top_k"), [(0.5, None), (2.0, None), (1.0, 3)])
+def test_samples_follow_softmax_at_the_temperature(temperature: float, top_k: int | None) -> None:
+    """4000 draws of one token against softmax(logits / T) computed here in float64.
+
+    Chi-square over the vocabulary: 319 degrees of freedom, so the statistic sits near 319 with
+    a standard deviation of ~25; ignoring the temperature (T = 1) gives thousands.
+    """
+    model = Gemma2.from_pretrained(FIXTURE)
+    prompt = random_ids(320, batch=1, length=6, seed=3)
+    with torch.inference_mode():
+        logits = model(prompt)[0, -1].double()
+    scaled = logits / temperature
+    if top_k is not None:
+        scaled[scaled < scaled.topk(top_k).values[-1]] = -torch.inf
+    exact = torch.softmax(scaled, dim=-1)
+    n = 4000
+    gen = torch.Generator().manual_seed(0)
+    draws = model.generate(prompt.expand(n, -1), 1, temperature=temperature, top_k=top_k,
+                           generator=gen, stop_ids=())[:, 0]
+    counts = torch.bincount(draws, minlength=320).double()
+    possible = exact > 0
+    assert counts[~possible].sum() == 0
+    expected = n * exact[possible]
+    chi2 = float(((counts[possible] - expected) ** 2 / expected).sum())
+    dof = int(possible.sum()) - 1
+    assert chi2 < dof + 6 * (2 * dof) ** 0.5 + 10, chi2
+
+
 @pytest.mark.slow
 def test_generation_matches_transformers(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path / "m", Case("gen", window=3))
@@ -361,3 +408,20 @@ def test_instruction_format(tmp_path: Path) -> None:
     assert ids.count(107) == 1 and ids.count(2) == 1
     assert decode(tok, ids + [107]).split() == ["user", "hello", "world", "model"]
     assert stop_ids_for(tok, Gemma2Config.from_folder(FIXTURE)) == (1, 107)
+
+
+def test_chat_format() -> None:
+    """The two-turn text a reward model scores, as the spec writes it out."""
+    prompt, completion = "What is 2+2?", "4"
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    assert render_chat(turns) == (
+        "<bos><start_of_turn>user\nWhat is 2+2?<end_of_turn>\n"
+        "<start_of_turn>model\n4<end_of_turn>\n"
+    )
+    system = [{"role": "system", "content": "Be brief."}, *turns]
+    assert render_chat(system).startswith("<bos><start_of_turn>user\nBe brief.\n\nWhat is")
+    assert render_chat(turns[:1], add_generation_prompt=True) == render_instruction(prompt)
+    with pytest.raises(InputError, match="alternate"):
+        render_chat(turns[::-1])
+    with pytest.raises(InputError, match="role 'tool'"):
+        render_chat([{"role": "tool", "content": "x"}])
