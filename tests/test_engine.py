@@ -6,76 +6,15 @@ checkpoint, task vectors are flattened per group and slerped as vectors, then LI
 
 from __future__ import annotations
 
-import math
-import re
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import load_model, perturb, random_model, write_model
+from reference import ref_ema, ref_slerp, reference
 
 import warpmerge
 from warpmerge.config import build_config
-
-# --- the independent float64 reference -----------------------------------------------------
-
-
-def ref_ema(init, ckpts, mu, every, start, use):
-    if len(ckpts) == 1 or use == "last":
-        return ckpts[-1]
-    mu_e = 1 - (1 - mu) ** every
-    ema = ckpts[0] if start == "first" else init
-    for c in ckpts[1:] if start == "first" else ckpts:
-        ema = (1 - mu_e) * ema + mu_e * c
-    return ema
-
-
-def ref_group_key(name, granularity):
-    if granularity == "model":
-        return "all"
-    m = re.match(r"(.*layers\.\d+)\.", name)
-    return m.group(1) if granularity == "layer" and m else name
-
-
-def ref_slerp(x, y, lam, zero_sq):
-    nx, ny = x.dot(x).item(), y.dot(y).item()
-    if nx <= zero_sq or ny <= zero_sq:
-        return (1 - lam) * x + lam * y
-    cos = max(-1.0, min(1.0, x.dot(y).item() / math.sqrt(nx * ny)))
-    om = math.acos(cos)
-    if math.sin(om) < 1e-6:
-        return (1 - lam) * x + lam * y
-    return (math.sin((1 - lam) * om) * x + math.sin(lam * om) * y) / math.sin(om)
-
-
-def reference(init, runs, *, mu=0.01, every=1, start="init", use="ema",
-              granularity="layer", weights=None, lam=None, etas=(0.3,)):
-    init = {k: v.double() for k, v in init.items()}
-    runs = [[{k: v.double() for k, v in c.items()} for c in run] for run in runs]
-    names = list(init)
-    P = [{k: ref_ema(init[k], [c[k] for c in run], mu, every, start, use) for k in names}
-         for run in runs]
-    groups = {}
-    for k in names:
-        groups.setdefault(ref_group_key(k, granularity), []).append(k)
-    weights = weights or [1.0] * len(runs)
-    merged = {}
-    for keys in groups.values():
-        flat_init = torch.cat([init[k].flatten() for k in keys])
-        deltas = [torch.cat([(p[k] - init[k]).flatten() for k in keys]) for p in P]
-        zero_sq = (1e-6) ** 2 * flat_init.dot(flat_init).item()
-        r, total = deltas[0], weights[0]
-        for m in range(1, len(deltas)):
-            total += weights[m]
-            lam_m = lam if lam is not None else weights[m] / total
-            r = ref_slerp(r, deltas[m], lam_m, zero_sq)
-        offset = 0
-        for k in keys:
-            n = init[k].numel()
-            merged[k] = r[offset:offset + n].view(init[k].shape)
-            offset += n
-    return [{k: init[k] + eta * merged[k] for k in names} for eta in etas]
-
 
 # --- helpers ---------------------------------------------------------------------------------
 

@@ -16,16 +16,17 @@ opened: only `adapter_config.json` and `adapter_model.safetensors` are.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .adapter_config import CONFIG_FILE, LoraSpec, read_lora_config
-from .errors import InputError
-from .modelfolder import TensorInfo, read_header
+from .errors import InputError, RunError
+from .modelfolder import FileInfo, TensorInfo, inside_folder, read_header
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLED_WEIGHTS = "adapter_model.bin"
@@ -126,6 +127,7 @@ class Adapter:
     base_model: str | None  # base_model_name_or_path, as saved
     edits: Mapping[str, TensorEdit]  # by init tensor name
     warnings: tuple[str, ...]
+    files: tuple[FileInfo, ...] = ()  # what the adapter was read from, for provenance
 
     def changes(self, name: str) -> bool:
         """False: the tensor equals the init's in this checkpoint (no need to read anything)."""
@@ -159,7 +161,7 @@ def _read_whole(info: TensorInfo) -> torch.Tensor:
 
 
 def open_adapter(folder: Path, label: str, init: Mapping[str, TensorInfo],
-                 init_ref: str | None = None) -> Adapter:
+                 init_ref: str | None = None, trust_links: bool = False) -> Adapter:
     """Read and check an adapter checkpoint against the init's tensors.
 
     Every problem is an InputError naming the file and the key. `init_ref` (how the user named
@@ -173,14 +175,18 @@ def open_adapter(folder: Path, label: str, init: Mapping[str, TensorInfo],
             raise InputError(f"{label}: only pickled weights ({PICKLED_WEIGHTS}); warpmerge "
                              "never loads pickles: save the adapter with safetensors")
         raise InputError(f"{label}: missing file {WEIGHTS_FILE}")
-    saved, _ = read_header(path, label)
+    inside_folder(folder, WEIGHTS_FILE, WEIGHTS_FILE, label, trust_links)
+    saved, weights_info = read_header(path, label)
     edits = _Resolver(spec, init, saved, f"{label}: {WEIGHTS_FILE}").edits()
     warnings = []
     base = spec.base_model_name_or_path
     if base and init_ref and not _same_model(base, init_ref):
         warnings.append(f"{label}: the adapter was trained on {base!r}, the init is "
                         f"{init_ref!r}; merging it on top of the init")
-    return Adapter(label, folder, base, edits, tuple(warnings))
+    config_bytes = (folder / CONFIG_FILE).read_bytes()
+    files = (FileInfo(CONFIG_FILE, len(config_bytes), hashlib.sha256(config_bytes).hexdigest()),
+             weights_info)
+    return Adapter(label, folder, base, edits, tuple(warnings), files)
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -323,3 +329,58 @@ class _Resolver:
         return {bias_name: TensorEdit(bias_name, bias.shape,
                                       base=self.replaced.pop(bias_name, None),
                                       offset=_read_whole(info) * scale)}
+
+
+@dataclass
+class AdapterCheckpoint:
+    """An adapter checkpoint as a merge input: θ_init plus the adapter's ΔW.
+
+    It stores none of the model's tensors (`tensors` is empty): the merge asks it for task
+    vectors (`delta`) chunk by chunk, computed from the factors held in memory, so a merge of
+    adapter runs reads little more than the init.
+    """
+
+    label: str
+    ref: str
+    path: Path
+    adapter: Adapter
+    repo_id: str | None = None
+    revision: str | None = None
+    commit: str | None = None
+    download_bytes: int = 0
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    _stamp: tuple[int, ...] | None = None
+
+    @property
+    def files(self) -> list[FileInfo]:
+        return list(self.adapter.files)
+
+    def read_nbytes(self, name: str) -> int:
+        """Bytes a pass reads for this tensor: only saved full tensors are read from disk."""
+        edit = self.adapter.edits.get(name)
+        return edit.base.nbytes if edit is not None and edit.base is not None else 0
+
+    def delta(self, name: str, start: int, count: int,
+              read_init: ReadInit) -> torch.Tensor | None:
+        return self.adapter.delta(name, start, count, read_init)
+
+    def open_files(self) -> None:
+        self._stamp = _stamp(self.path / WEIGHTS_FILE)
+
+    def check_unchanged(self) -> None:
+        """The weights file must be the one planned from (training may still be writing)."""
+        path = self.path / WEIGHTS_FILE
+        try:
+            now = _stamp(path)
+        except FileNotFoundError:
+            raise RunError(f"{self.label}: {path} was deleted during the merge") from None
+        if self._stamp is not None and now != self._stamp:
+            raise RunError(f"{self.label}: {path} was replaced or modified during the merge")
+
+    def close(self) -> None:
+        self._stamp = None
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)

@@ -155,7 +155,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
 
 
 def _chunk_bytes(plan: Plan, c: Any) -> int:
-    return c.count * sum(ck.lookup(c.info.name).dtype.itemsize for ck in plan.read_inputs)
+    return c.count * sum(ck.read_nbytes(c.info.name) for ck in plan.read_inputs) // c.info.numel
 
 
 def _counters(plan: Plan, progress: Progress) -> _Bars:

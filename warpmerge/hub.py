@@ -418,7 +418,7 @@ def fetch_checkpoint(ckpt: HubCheckpoint, *, model_files: bool = False, progress
                 weights = _weight_files(names, index, ckpt.ref)
             files = {n: ckpt.files[n] for n in [*small, *weights]}
             download = sum(size for n, size in files.items() if n not in cached)
-            if not dry_run:
+            if not dry_run or ADAPTER_CONFIG in names:  # adapters are small: read whole
                 for n in weights:
                     hf.hf_hub_download(ckpt.repo_id, _join(ckpt, n), revision=ckpt.commit)
     except (HubError, InputError):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .adapters import AdapterCheckpoint
 from .errors import InputError
 from .modelfolder import Checkpoint, TensorInfo
 
@@ -193,8 +194,11 @@ class Kernel:
             if a == 0.0:
                 continue
             target = d if first else tmp
-            _read(ckpt, c, target, work)
-            target.sub_(init)
+            if isinstance(ckpt, AdapterCheckpoint):
+                self._adapter_delta(ckpt, c, target)
+            else:
+                _read(ckpt, c, target, work)
+                target.sub_(init)
             if first:
                 if a != 1.0:
                     target.mul_(a)
@@ -203,10 +207,25 @@ class Kernel:
             first = False
         return d
 
+    def _adapter_delta(self, ckpt: AdapterCheckpoint, c: Chunk, out: torch.Tensor) -> None:
+        """θ_t − θ_init of an adapter checkpoint: its ΔW, computed, nothing read but the
+        init's rows that DoRA's row norms need."""
+        info = self.init.lookup(c.info.name)
+        delta = ckpt.delta(info.name, c.start, c.count,
+                           lambda start, count: self.init.read(info, start, count).float())
+        if delta is None:
+            out.zero_()
+        else:
+            out.copy_(delta)
+
     def find_nonfinite(self, c: Chunk) -> None:
         """Name the input holding a NaN or Inf in this chunk (a sum overflowing is no error)."""
         for ckpt in self.inputs:
-            x = ckpt.read(ckpt.lookup(c.info.name), c.start, c.count)
+            if isinstance(ckpt, AdapterCheckpoint):
+                x = torch.empty(c.count)
+                self._adapter_delta(ckpt, c, x)
+            else:
+                x = ckpt.read(ckpt.lookup(c.info.name), c.start, c.count)
             if not torch.isfinite(x).all():
                 raise InputError(f"{ckpt.label}: tensor {c.info.name} contains NaN or Inf "
                                  "(use --allow-nonfinite to merge anyway)")

@@ -103,6 +103,10 @@ class Checkpoint:
             info = self.tensors.get(EMBED_NAME)
         return info
 
+    def read_nbytes(self, name: str) -> int:
+        """Bytes a pass over tensor `name` reads from this model."""
+        return self.lookup(name).nbytes
+
     def read(self, info: TensorInfo, start: int, count: int) -> torch.Tensor:
         """Elements [start, start+count) of a tensor, in a new tensor of its dtype."""
         raw = torch.empty(count * info.dtype.itemsize, dtype=torch.uint8)
@@ -208,7 +212,7 @@ def _show(name: str) -> str:
     return name if name.isprintable() else repr(name)
 
 
-def _inside(folder: Path, name: str, what: str, label: str, trust_links: bool) -> Path:
+def inside_folder(folder: Path, name: str, what: str, label: str, trust_links: bool) -> Path:
     """The path of `name` in `folder`, refusing names and links that lead outside it."""
     if (not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..")
             or os.path.isabs(name)):
@@ -334,7 +338,7 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links:
         raise InputError(f"{label}: not a folder: {ref or path}")
     weight_map = None
     if (path / INDEX_FILE).exists():
-        index_path = _inside(path, INDEX_FILE, "index", label, trust_links)
+        index_path = inside_folder(path, INDEX_FILE, "index", label, trust_links)
         try:
             text = index_path.read_text(encoding="utf-8")
         except (OSError, ValueError):
@@ -345,7 +349,7 @@ def open_checkpoint(path: Path, label: str, ref: str | None = None, trust_links:
     tensors: dict[str, TensorInfo] = {}
     files: list[FileInfo] = []
     for shard in shard_names:
-        file_path = _inside(path, shard, INDEX_FILE, label, trust_links)
+        file_path = inside_folder(path, shard, INDEX_FILE, label, trust_links)
         if remote and shard in remote and not file_path.exists():
             raw, size = remote[shard]
             found = parse_header(raw, size, file_path, label)
@@ -374,7 +378,7 @@ def read_model_config(ckpt: Checkpoint) -> dict | None:
     none may be a link leading outside the folder, and config.json must be a JSON object."""
     for name in ("config.json", *MODEL_FILES):
         if (ckpt.path / name).exists():
-            _inside(ckpt.path, name, name, ckpt.label, ckpt.trust_links)
+            inside_folder(ckpt.path, name, name, ckpt.label, ckpt.trust_links)
     path = ckpt.path / "config.json"
     if not path.is_file():
         return None

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from .adapters import AdapterCheckpoint
 from .config import WarpConfig
 from .kernel import BLOCK, GroupState, Results, Workspace, aligned
 from .modelfolder import FLOAT_DTYPES, HEAD_NAME, Checkpoint, TensorInfo
 from .ops import ema_coefficients
 from .probes import Machine
-from .resolve import Inputs
+from .resolve import Input, Inputs
 from .shards import OutTensor, ShardLayout, plan_shards
 
 DEFAULT_CHUNK = 1 << 18  # elements per chunk: a worker's buffers stay in the CPU cache
@@ -94,7 +95,7 @@ class Plan:
         return self.inputs.init
 
     @property
-    def runs(self) -> list[list[Checkpoint]]:
+    def runs(self) -> list[list[Input]]:
         return self.inputs.runs
 
     @property
@@ -111,7 +112,7 @@ class Plan:
         return self.layout.tensors
 
     @cached_property
-    def read_inputs(self) -> list[Checkpoint]:
+    def read_inputs(self) -> list[Input]:
         """The inputs whose bytes the merge reads: checkpoints that contribute nothing are not."""
         used = [c for run, a in zip(self.runs, self.contributions, strict=True)
                 for c, w in zip(run, a, strict=True) if w != 0.0]
@@ -150,7 +151,7 @@ class Plan:
 
     def float_read_bytes(self, group: Group) -> int:
         """Bytes one pass over the group's float tensors reads from the inputs."""
-        return sum(c.lookup(t.name).nbytes for t in group.tensors if t.is_float
+        return sum(c.read_nbytes(t.name) for t in group.tensors if t.is_float
                    for c in self.read_inputs)
 
     def read_bytes(self) -> int:
@@ -226,9 +227,17 @@ def plan_merge(config: WarpConfig, inputs: Inputs, machine: Machine, *,
         chunk=max(BLOCK, ((chunk or DEFAULT_CHUNK) // BLOCK) * BLOCK),
         max_memory=max_memory or default_max_memory(machine.available_memory),
         threads=threads or machine.cpus, allow_nonfinite=allow_nonfinite,
-        warnings=tuple(
-            f"{c.label}: has its own {HEAD_NAME}, but the init ties it to the embedding; "
-            "the output stays tied and that tensor is not merged"
-            for c in inputs.all[1:] if HEAD_NAME in c.tensors and HEAD_NAME not in init.tensors),
+        warnings=_warnings(inputs),
         machine=machine, download_dir=download_dir,
     )
+
+
+def _warnings(inputs: Inputs) -> tuple[str, ...]:
+    """What the user should know before merging; nothing here stops the merge."""
+    tied = HEAD_NAME not in inputs.init.tensors
+    head = [f"{c.label}: has its own {HEAD_NAME}, but the init ties it to the embedding; "
+            "the output stays tied and that tensor is not merged"
+            for c in inputs.all[1:] if tied and HEAD_NAME in c.tensors]
+    adapters = [w for c in inputs.all[1:] if isinstance(c, AdapterCheckpoint)
+                for w in c.adapter.warnings]
+    return tuple(head + adapters)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .adapters import AdapterCheckpoint, is_adapter, open_adapter
 from .config import GLOB_CHARS, HF_PREFIX, CheckpointSpec, HubHistory, WarpConfig, natural_key
 from .errors import ConfigError, InputError
 from .modelfolder import (
@@ -29,18 +30,21 @@ if TYPE_CHECKING:
     from . import hub
 
 
+Input = Checkpoint | AdapterCheckpoint  # a model the merge reads: full weights, or an adapter
+
+
 @dataclass(frozen=True)
 class Inputs:
     """The opened models of one merge: headers and provenance, no tensor data."""
 
     init: Checkpoint
-    runs: list[list[Checkpoint]]  # each run's checkpoints, oldest first
+    runs: list[list[Input]]  # each run's checkpoints, oldest first
     steps: list[list[int]]  # each checkpoint's step as the EMA counts it (real with every: auto)
     model_config: dict | None  # the init's config.json
     license: str | None  # the init's license (its card's metadata), for the output's card
 
     @property
-    def all(self) -> list[Checkpoint]:
+    def all(self) -> list[Input]:
         return [self.init] + [c for run in self.runs for c in run]
 
     def close(self) -> None:
@@ -56,20 +60,24 @@ def resolve_inputs(config: WarpConfig, out: Path | None = None, *, force: bool =
     from .hub import checkpoint_name, expand_checkpoints, read_license
 
     init = locate(config.init, config.base_dir, "init", progress, dry_run)
-    runs: list[list[Checkpoint]] = []
+    if isinstance(init, AdapterCheckpoint):
+        raise InputError(f"init: {init.path} holds a PEFT adapter; the init must be a full "
+                         "model (the adapter's base model)")
+    runs: list[list[Input]] = []
     steps: list[list[int]] = []
     for i, name in enumerate(config.run_names):
         refs = expand_checkpoints(checkpoint_refs(config, i))
         runs.append([
             locate(ref, config.base_dir, f"{name} checkpoint {t + 1} ({checkpoint_name(ref)})",
-                   progress, dry_run)
+                   progress, dry_run, init=init, init_ref=config.init)
             for t, ref in enumerate(refs)
         ])
         steps.append(run_steps(runs[-1], refs, config.ema.every))
     inputs = Inputs(init, runs, steps, read_model_config(init), read_license(init.path))
     names = list(init.tensors)
     for ckpt in inputs.all[1:]:
-        check_compatible(init, ckpt, names)
+        if isinstance(ckpt, Checkpoint):  # an adapter was checked against the init on opening
+            check_compatible(init, ckpt, names)
     check_output_location(root, inputs.all, force)
     if config.ema.save:
         ema_root = config.resolve_path(config.ema.save).resolve()
@@ -137,9 +145,11 @@ def model_folder(ref: str, base_dir: Path, progress: bool = True) -> Path:
 
 
 def locate(ref: str | hub.HubCheckpoint, base_dir: Path, label: str, progress: bool = True,
-           dry_run: bool = False) -> Checkpoint:
+           dry_run: bool = False, init: Checkpoint | None = None,
+           init_ref: str | None = None) -> Input:
     """Open a model named by a local path, a Hub repo id or `hf://` path, or a resolved Hub
-    checkpoint; a local folder of a repo id's name wins."""
+    checkpoint; a local folder of a repo id's name wins. A folder holding a PEFT adapter is
+    opened as one on top of `init`."""
     from . import hub
 
     if isinstance(ref, str) and ref.startswith(hub.HF_PREFIX):
@@ -151,14 +161,27 @@ def locate(ref: str | hub.HubCheckpoint, base_dir: Path, label: str, progress: b
     else:
         local = _local_path(ref, base_dir)
         if local is not None:
+            if is_adapter(local):
+                return _open_adapter(local, label, ref, init, init_ref, trust_links=False)
             return open_checkpoint(local, label, ref)
         model = hub.fetch_model(*_hub_ref(ref, label), progress=progress, dry_run=dry_run)
         shown = ref
-    remote = hub.remote_weight_headers(model) if dry_run else None
-    ckpt = open_checkpoint(model.path, label, shown, trust_links=True, remote=remote)
+    if is_adapter(model.path):
+        ckpt = _open_adapter(model.path, label, shown, init, init_ref, trust_links=True)
+    else:
+        remote = hub.remote_weight_headers(model) if dry_run else None
+        ckpt = open_checkpoint(model.path, label, shown, trust_links=True, remote=remote)
     ckpt.repo_id, ckpt.revision, ckpt.commit = model.repo_id, model.revision, model.commit
     ckpt.download_bytes = model.download_bytes
     return ckpt
+
+
+def _open_adapter(folder: Path, label: str, ref: str, init: Checkpoint | None,
+                  init_ref: str | None, trust_links: bool) -> AdapterCheckpoint:
+    if init is None:
+        raise InputError(f"{label}: {ref} holds a PEFT adapter, not a full model")
+    adapter = open_adapter(folder, label, init.tensors, init_ref, trust_links=trust_links)
+    return AdapterCheckpoint(label, ref, folder, adapter)
 
 
 def checkpoint_refs(config: WarpConfig, index: int) -> list[CheckpointSpec]:
