@@ -38,6 +38,7 @@ START_OF_TURN_ID, END_OF_TURN_ID = 106, 107
 DEFAULT_STOP_IDS: tuple[int, ...] = (EOS_ID, END_OF_TURN_ID)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification")
 _TANH_GELU = {"gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"}
 
 
@@ -73,6 +74,7 @@ class Gemma2Config:
     bos_token_id: int = BOS_ID
     eos_token_ids: tuple[int, ...] = (EOS_ID,)
     pad_token_id: int = PAD_ID
+    num_labels: int = 2  # outputs of a sequence-classification (reward) head
     dtype: str | None = None  # the dtype the checkpoint says it was saved in, if any
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ class Gemma2Config:
 
         model_type = raw.get("model_type")
         architectures = raw.get("architectures") or []
-        if model_type != "gemma2" and "Gemma2ForCausalLM" not in architectures:
+        if model_type != "gemma2" and not set(architectures) & set(ARCHITECTURES):
             found = model_type if model_type is not None else "missing"
             raise bad(f"not a Gemma 2 config (model_type is {found!r}, expected 'gemma2')")
         if raw.get("attention_bias"):
@@ -181,6 +183,11 @@ class Gemma2Config:
         values["bos_token_id"] = BOS_ID if bos is None else int(bos)
         pad = raw.get("pad_token_id", PAD_ID)
         values["pad_token_id"] = PAD_ID if pad is None else int(pad)
+        id2label = raw.get("id2label")
+        labels = len(id2label) if isinstance(id2label, dict) else raw.get("num_labels", 2)
+        if isinstance(labels, bool) or not isinstance(labels, int) or labels <= 0:
+            raise bad(f"num_labels must be a positive integer, got {labels!r}")
+        values["num_labels"] = labels
         values["tie_word_embeddings"] = bool(raw.get("tie_word_embeddings", True))
         values["dtype"] = raw.get("dtype") or raw.get("torch_dtype")
         return cls(**values)
@@ -409,7 +416,44 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(
             DecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
+        self.config = config
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Hidden states [B, T, H] before the final norm."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        c = self.config
+        B, T = input_ids.shape
+        dt = self.embed_tokens.weight.dtype
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, need {start + T}")
+        device = input_ids.device
+
+        x = F.embedding(input_ids, self.embed_tokens.weight)
+        x = x * torch.tensor(c.hidden_size**0.5, dtype=dt)  # normalizer rounded to dt first
+        cos, sin = rope_cos_sin(c, torch.arange(start, start + T, device=device), dt)
+
+        end = start + T
+        full_mask = attention_mask(start, T, 0, end, None, dt, device)
+        # Sliding layers only read the keys the earliest query may see.
+        window = c.sliding_window
+        slide_start = max(0, start - window + 1) if (cache is not None and window) else 0
+        slide_mask = (
+            full_mask
+            if window is None
+            else attention_mask(start, T, slide_start, end, window, dt, device)
+        )
+        for i, layer in enumerate(self.layers):
+            if c.is_sliding(i):
+                x = layer(x, cos, sin, slide_mask, cache, start, slide_start)
+            else:
+                x = layer(x, cos, sin, full_mask, cache, start, 0)
+        if cache is not None:
+            cache.length = end
+
+        return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,61 +490,17 @@ class Gemma2(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> Gemma2:
-        """Load a checkpoint folder (config.json + one or several safetensors files).
-
-        The module is built on the `meta` device (no random init), its parameters are then
-        allocated empty in `dtype`, and each checkpoint tensor is read from the memory-mapped
-        file and copied (converting dtype) into place, one at a time: peak memory is the model
-        plus one tensor, never two copies of the model.
-        """
-        from safetensors import safe_open
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise InputError(f"{folder}: model folder does not exist")
-        config = Gemma2Config.from_folder(folder)
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ConfigError(f"unsupported compute dtype {dtype}")
-        locations = _tensor_locations(folder)
+        """Load a checkpoint folder (config.json + one or several safetensors files)."""
+        config, folder, locations = _open_folder(folder, dtype)
         separate_head = "lm_head.weight" in locations
         if not separate_head and not config.tie_word_embeddings:
             raise InputError(
                 f"{folder}: tie_word_embeddings is false but lm_head.weight is missing"
             )
-        layout = checkpoint_layout(config, separate_head)
-        missing = [name for name in layout if name not in locations]
-        if missing:
-            raise InputError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing)")
-        unexpected = sorted(
-            name for name in locations if name not in layout and not name.endswith("inv_freq")
-        )
-        if unexpected:
-            raise InputError(f"{folder}: unexpected tensor {unexpected[0]} for this config")
-
         with torch.device("meta"):
             model = cls(config, separate_head=separate_head)
-        for module in model.modules():
-            for pname, param in list(module.named_parameters(recurse=False)):
-                empty = torch.empty(param.shape, dtype=dtype, device=device)
-                setattr(module, pname, nn.Parameter(empty, requires_grad=False))
-        params = dict(model.named_parameters())
-
-        by_file: dict[Path, list[str]] = {}
-        for name in layout:
-            by_file.setdefault(locations[name], []).append(name)
-        for file, names in by_file.items():
-            with safe_open(str(file), framework="pt", device=str(device)) as f:
-                for name in names:
-                    target, row, shape = layout[name]
-                    tensor = f.get_tensor(name)
-                    if tuple(tensor.shape) != shape:
-                        raise InputError(
-                            f"{file}: {name} has shape {list(tensor.shape)}, config.json implies "
-                            f"{list(shape)}"
-                        )
-                    params[target][row : row + shape[0]].copy_(tensor)
-                    del tensor
-        return model.eval()
+        layout = checkpoint_layout(config, separate_head)
+        return _load_weights(model, folder, locations, layout, dtype, device)
 
     # ---- forward ---------------------------------------------------------------------------
 
@@ -512,41 +512,11 @@ class Gemma2(nn.Module):
         With a cache, the tokens continue the cached sequence: their keys/values are written at
         positions cache.length.. and the cache length advances.
         """
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        c = self.config
-        B, T = input_ids.shape
-        dt = self.dtype
-        start = cache.length if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions, need {start + T}")
-        device = input_ids.device
-
-        x = F.embedding(input_ids, self.model.embed_tokens.weight)
-        x = x * torch.tensor(c.hidden_size**0.5, dtype=dt)  # normalizer rounded to dt first
-        cos, sin = rope_cos_sin(c, torch.arange(start, start + T, device=device), dt)
-
-        end = start + T
-        full_mask = attention_mask(start, T, 0, end, None, dt, device)
-        # Sliding layers only read the keys the earliest query may see.
-        window = c.sliding_window
-        slide_start = max(0, start - window + 1) if (cache is not None and window) else 0
-        slide_mask = (
-            full_mask
-            if window is None
-            else attention_mask(start, T, slide_start, end, window, dt, device)
-        )
-        for i, layer in enumerate(self.model.layers):
-            if c.is_sliding(i):
-                x = layer(x, cos, sin, slide_mask, cache, start, slide_start)
-            else:
-                x = layer(x, cos, sin, full_mask, cache, start, 0)
-        if cache is not None:
-            cache.length = end
-
+        x = self.model(input_ids, cache)
         if last_only:
             x = x[:, -1:]
         x = self.model.norm(x)
+        c = self.config
         head = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
         logits = F.linear(x, head)
         cap = c.final_logit_softcapping
@@ -600,6 +570,118 @@ class Gemma2(nn.Module):
         return out[0] if squeeze else out
 
 
+class Gemma2RewardModel(nn.Module):
+    """Gemma 2 reward model (Gemma2ForSequenceClassification): one score per sequence.
+
+    The score head reads the final-normed hidden state at each row's last real token; the
+    final logit soft cap belongs to the LM head and is not applied.
+    """
+
+    def __init__(self, config: Gemma2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> Gemma2RewardModel:
+        config, folder, locations = _open_folder(folder, dtype)
+        if config.num_labels != 1:
+            raise InputError(
+                f"{folder / 'config.json'}: num_labels is {config.num_labels}; a reward model "
+                "has 1 (id2label with one entry)"
+            )
+        with torch.device("meta"):
+            model = cls(config)
+        layout = checkpoint_layout(config, head="score")
+        return _load_weights(model, folder, locations, layout, dtype, device)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Scores [B] in float32 for right-padded `input_ids` [B, T] (or [T]).
+
+        Each row is read at the last position where `attention_mask` is 1 (the last position
+        when there is no mask). Causal attention means padding after that token cannot change it.
+        """
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        hidden = self.model(input_ids)
+        B, T = input_ids.shape
+        if attention_mask is None:
+            last = torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
+        else:
+            positions = torch.arange(T, device=input_ids.device)
+            last = torch.where(attention_mask.bool(), positions, -1).amax(dim=-1)
+            if bool((last < 0).any()):
+                raise ValueError("attention_mask has a row with no real token")
+        x = self.model.norm(hidden[torch.arange(B, device=hidden.device), last])
+        return self.score(x)[:, 0].float()
+
+
+def _open_folder(
+    folder: str | Path, dtype: torch.dtype
+) -> tuple[Gemma2Config, Path, dict[str, Path]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: model folder does not exist")
+    config = Gemma2Config.from_folder(folder)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"unsupported compute dtype {dtype}")
+    return config, folder, _tensor_locations(folder)
+
+
+def _load_weights(
+    model: nn.Module,
+    folder: Path,
+    locations: dict[str, Path],
+    layout: dict[str, tuple[str, int, tuple[int, ...]]],
+    dtype: torch.dtype,
+    device: str | torch.device,
+) -> Any:
+    """Fill a model built on the `meta` device from the checkpoint, one tensor at a time.
+
+    Parameters are allocated empty in `dtype` (no random init), and each checkpoint tensor is
+    read from the memory-mapped file and copied (converting dtype) into place: peak memory is
+    the model plus one tensor, never two copies of the model.
+    """
+    from safetensors import safe_open
+
+    missing = [name for name in layout if name not in locations]
+    if missing:
+        raise InputError(f"{folder}: tensor {missing[0]} is missing ({len(missing)} missing)")
+    unexpected = sorted(
+        name for name in locations if name not in layout and not name.endswith("inv_freq")
+    )
+    if unexpected:
+        raise InputError(f"{folder}: unexpected tensor {unexpected[0]} for this config")
+    for module in model.modules():
+        for pname, param in list(module.named_parameters(recurse=False)):
+            empty = torch.empty(param.shape, dtype=dtype, device=device)
+            setattr(module, pname, nn.Parameter(empty, requires_grad=False))
+    params = dict(model.named_parameters())
+    by_file: dict[Path, list[str]] = {}
+    for name in layout:
+        by_file.setdefault(locations[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in names:
+                target, row, shape = layout[name]
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != shape:
+                    raise InputError(
+                        f"{file}: {name} has shape {list(tensor.shape)}, config.json implies "
+                        f"{list(shape)}"
+                    )
+                params[target][row : row + shape[0]].copy_(tensor)
+                del tensor
+    return model.eval()
+
+
 def _pick(
     logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> Tensor:
@@ -615,7 +697,7 @@ def _pick(
 
 
 def checkpoint_layout(
-    config: Gemma2Config, separate_head: bool = False
+    config: Gemma2Config, separate_head: bool = False, head: str | None = None
 ) -> dict[str, tuple[str, int, tuple[int, ...]]]:
     """Checkpoint tensor name -> (our parameter, first row in it, the tensor's shape).
 
@@ -631,6 +713,8 @@ def checkpoint_layout(
     }
     if separate_head:
         layout["lm_head.weight"] = ("lm_head.weight", 0, (c.vocab_size, H))
+    if head == "score":
+        layout["score.weight"] = ("score.weight", 0, (c.num_labels, H))
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         qkv, gate_up = p + "self_attn.qkv_proj.weight", p + "mlp.gate_up_proj.weight"
