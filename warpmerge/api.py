@@ -53,13 +53,22 @@ def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
     check = plan.config.check
     for folder, eta in zip(result.outputs, plan.etas, strict=True):
         report = check_models(folder, against, prompts=check.prompts,
-                              max_new_tokens=check.max_new_tokens, progress=not quiet)
+                              max_new_tokens=check.max_new_tokens,
+                              progress=None if quiet else _loading_lines(echo))
         figures = report.to_dict()
         for entry in [figures["model"], *figures["against"]]:  # no local paths in files
             entry["path"] = Path(entry["path"]).name
         provenance = {**result.provenance, "eta": eta, "check": figures}
         write_provenance(folder, provenance, read_license(plan.init.path))
         echo(f"Check of {folder.name}:\n{format_report(report)}")
+
+
+def _loading_lines(echo: Callable[[str], None]) -> Callable[[str, int, int], None]:
+    """A library progress callback that tells only the steps without a count (model loads)."""
+    def tell(what: str, done: int, total: int) -> None:
+        if total == 0:
+            echo(what)
+    return tell
 
 
 def _push_outputs(plan: Plan, result: RunResult, quiet: bool,

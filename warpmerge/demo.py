@@ -140,6 +140,6 @@ def _demo_check(root: Path, outputs: list[Path], quiet: bool) -> None:
         return
     against = [root / "init", root / "run-a" / "step-300", root / "run-b" / "step-300"]
     for path in outputs:
-        report = check_models(path, against, progress=not quiet)
+        report = check_models(path, against)
         print(f"\nCheck of {path.name}:")
         print(format_report(report))
