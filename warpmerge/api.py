@@ -35,8 +35,11 @@ def run(
     for warning in plan.warnings:
         echo(f"warning: {warning}")
     result = execute(plan, quiet=quiet, resume=resume)
+    _plot_angles(plan, result)
     if cfg.check is not None:
         _check_outputs(plan, result, quiet, echo)
+    if cfg.front is not None:
+        _front_outputs(plan, result, quiet, echo)
     if cfg.output.push_to_hub is not None:
         _push_outputs(plan, result, quiet, echo)
     return result
@@ -47,20 +50,82 @@ def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
     """The check report of each output against the init and each run's last checkpoint;
     its figures go into warpmerge.json and the model card."""
     from .check import check_models, format_report
-    from .metadata import read_license, write_provenance
 
     against = [plan.init.path] + [run[-1].path for run in plan.runs]
     check = plan.config.check
-    for folder, eta in zip(result.outputs, plan.etas, strict=True):
+    for folder in result.outputs:
         report = check_models(folder, against, prompts=check.prompts,
                               max_new_tokens=check.max_new_tokens,
                               progress=None if quiet else _loading_lines(echo))
         figures = report.to_dict()
         for entry in [figures["model"], *figures["against"]]:  # no local paths in files
             entry["path"] = Path(entry["path"]).name
-        provenance = {**result.provenance, "eta": eta, "check": figures}
-        write_provenance(folder, provenance, read_license(plan.init.path))
+        _update_provenance(plan, folder, check=figures)
         echo(f"Check of {folder.name}:\n{format_report(report)}")
+
+
+def _plot_angles(plan: Plan, result: RunResult) -> None:
+    """angles.png (cos Ω and task-vector norms per layer) in each output folder and its card."""
+    from .plots import plot_angles
+
+    for folder in result.outputs:
+        if plot_angles(result.provenance.get("groups") or [], plan.run_names,
+                       folder / "angles.png") is not None:
+            _update_provenance(plan, folder, plots={"angles": "angles.png"})
+
+
+def _front_outputs(plan: Plan, result: RunResult, quiet: bool,
+                   echo: Callable[[str], None]) -> dict:
+    """The WARP front of the η outputs, the init and each run (its saved EMA, else its last
+    checkpoint): front.json and front.png in the output root; each η's card shows the plot
+    and its own row."""
+    import shutil
+
+    import torch
+
+    from .front import format_front, front_of_merge
+    from .sources import model_folder
+
+    settings = plan.config.front
+    base = plan.config.base_dir
+    runs = []
+    for name, run, ema in zip(plan.run_names, plan.runs,
+                              result.ema_outputs or [None] * len(plan.runs), strict=True):
+        path = ema if ema is not None else run[-1].path
+        if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            runs.append((f"{name} ({'EMA' if ema is not None else 'last'})", path))
+        else:
+            echo(f"front: {name} left out (its last checkpoint is an adapter; set ema.save "
+                 "to place the run on the front)")
+    reward_model = (model_folder(settings.reward_model, base, progress=not quiet)
+                    if settings.reward_model else None)
+    data = front_of_merge(
+        list(zip(result.outputs, plan.etas, strict=True)), plan.init.path, runs,
+        plan.output_root, plan.config.resolve_path(settings.prompts), reward_model=reward_model,
+        reward=settings.reward, samples=settings.samples, max_new_tokens=settings.max_new_tokens,
+        seed=settings.seed, device=settings.device,
+        dtype=torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32,
+        progress=None if quiet else _loading_lines(echo))
+    for folder, eta in zip(result.outputs, plan.etas, strict=True):
+        if folder != plan.output_root:
+            shutil.copyfile(plan.output_root / "front.png", folder / "front.png")
+        row = next(m for m in data["models"] if m["eta"] == eta)
+        row = {k: v for k, v in row.items() if k != "samples"}
+        _update_provenance(plan, folder, front={"plot": "front.png", "model": row,
+                                                "reward": data["reward"]})
+    echo(format_front(data))
+    return data
+
+
+def _update_provenance(plan: Plan, folder: Path, **entries: object) -> None:
+    """Add entries to a finished output's warpmerge.json and re-render its card."""
+    import json
+
+    from .metadata import read_license, write_provenance
+
+    provenance = json.loads((folder / "warpmerge.json").read_text(encoding="utf-8"))
+    provenance.update(entries)
+    write_provenance(folder, provenance, read_license(plan.init.path))
 
 
 def _loading_lines(echo: Callable[[str], None]) -> Callable[[str, int, int], None]:

@@ -73,8 +73,13 @@ def save_model(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Non
 
 
 def build_setup(root: Path, runs: int = 2, checkpoints: int = 3, seed: int = 0,
-                dtype: torch.dtype = torch.bfloat16, cfg: dict | None = None) -> Path:
-    """Write init + runs under `root` and a warp.yaml merging them; returns the config path."""
+                dtype: torch.dtype = torch.bfloat16, cfg: dict | None = None,
+                front: bool = False) -> Path:
+    """Write init + runs under `root` and a warp.yaml merging them; returns the config path.
+
+    With `front`, the setup also has a tokenizer, prompts and a reward the runs were
+    (synthetically) trained for, and the config a `front:` section and more η values.
+    """
     cfg = dict(cfg or DEMO_CONFIG)
     g = torch.Generator().manual_seed(seed)
     init = {}
@@ -83,11 +88,13 @@ def build_setup(root: Path, runs: int = 2, checkpoints: int = 3, seed: int = 0,
         init[name] = torch.randn(shape, generator=g) * scale
     save_model(root / "init", {k: v.to(dtype) for k, v in init.items()}, cfg)
     common = {k: torch.randn(v.shape, generator=g) for k, v in init.items()}
+    towards_reward = _reward_direction(root, cfg) if front else {}
     for r in range(runs):
         current = dict(init)
         for t in range(checkpoints):
             current = {
                 k: v + 0.02 * v.abs().mean() * (torch.randn(v.shape, generator=g) + 0.3 * common[k])
+                + towards_reward.get(k, 0.0)
                 for k, v in current.items()
             }
             step = (t + 1) * 100
@@ -100,12 +107,76 @@ def build_setup(root: Path, runs: int = 2, checkpoints: int = 3, seed: int = 0,
                   for r in range(runs))
         + "ema:\n  mu: 0.01\n  every: 100\n"
         "slerp:\n  granularity: layer\n"
-        "liti:\n  eta: [0.3, 1.0]\n"
-        "output:\n  path: merged\n  shard_size: 1MB\n"
+        + ("liti:\n  eta: [0.1, 0.3, 0.6, 1.0]\n" if front else "liti:\n  eta: [0.3, 1.0]\n")
+        + "output:\n  path: merged\n  shard_size: 1MB\n"
+        + ("front:\n  prompts: prompts.jsonl\n  reward: warpmerge.demo:keyword_reward\n"
+           "  samples: 4\n  max_new_tokens: 16\n" if front else "")
     )
     path = root / "warp.yaml"
     path.write_text(yaml_text)
     return path
+
+
+REWARDED = [f"w{i}" for i in range(0, 40, 4)]  # the words the demo's runs learn to say
+DEMO_PROMPTS = 8
+
+
+def keyword_reward(prompts: list, completions: list[str], keywords: list[list[str]],
+                   **kwargs: object) -> list[float]:
+    """The demo's reward, in TRL's form: the share of completion words among the record's
+    `keywords`."""
+    out = []
+    for completion, words in zip(completions, keywords, strict=True):
+        said = completion.split()
+        out.append(sum(w in words for w in said) / len(said) if said else 0.0)
+    return out
+
+
+def _reward_direction(root: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """A step per checkpoint that raises the logits of the rewarded words.
+
+    The logit of token t is h·E[t] (tied head): moving E[t] along the mean final hidden state
+    h̄ of the init raises it on average. h̄ is read from the init on random sequences. Also
+    writes the tokenizer and the prompts file the front needs.
+    """
+    import json as _json
+
+    from .gemma2 import Gemma2
+
+    vocab = cfg["vocab_size"]
+    write_word_tokenizer(root / "init", vocab)
+    model = Gemma2.from_pretrained(root / "init")
+    seen: list[torch.Tensor] = []
+    hook = model.model.norm.register_forward_hook(lambda m, i, out: seen.append(out))
+    ids = torch.randint(4, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model(ids)
+    hook.remove()
+    direction = seen[0].float().mean(dim=(0, 1))
+    direction = direction / direction.norm()
+    embed = torch.zeros(vocab, cfg["hidden_size"])
+    rewarded = [int(w[1:]) + 4 for w in REWARDED]  # "w<i>" has id i + 4 (see the tokenizer)
+    embed[rewarded] = 1.0 * direction
+    g = torch.Generator().manual_seed(2)
+    with (root / "prompts.jsonl").open("w") as f:
+        for _ in range(DEMO_PROMPTS):
+            words = [f"w{int(i)}" for i in torch.randint(0, 300, (6,), generator=g)]
+            f.write(_json.dumps({"prompt": " ".join(words), "keywords": REWARDED}) + "\n")
+    return {"model.embed_tokens.weight": embed}
+
+
+def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer: Gemma's special tokens at their ids, "w<i>" at id i + 4 else."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 106: "<start_of_turn>",
+                107: "<end_of_turn>"}
+    vocab = {specials.get(i, f"w{i - 4}"): i for i in range(vocab_size)}
+    vocab.update({"user": 4 + 900, "model": 4 + 901} if vocab_size > 905 else {})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials.values()])
+    tok.save(str(folder / "tokenizer.json"))
 
 
 def run_demo(out: Path | None = None, quiet: bool = False) -> Path:
@@ -114,11 +185,12 @@ def run_demo(out: Path | None = None, quiet: bool = False) -> Path:
 
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="warpmerge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    config_path = build_setup(root)
+    config_path = build_setup(root, front=True)
     print(f"Demo setup in {root}: a random Gemma 2 init, runs run-a and run-b of 3 checkpoints.")
-    result = run(config_path, force=True, quiet=quiet)
+    front_lines: list[str] = []
+    result = run(config_path, force=True, quiet=quiet, echo=front_lines.append)
     print(f"Merged in {result.seconds:.2f} s (EMA mu=0.01 every 100 steps, layer SLERP, "
-          f"eta 0.3 and 1.0):")
+          f"eta 0.1, 0.3, 0.6 and 1.0):")
     for g in result.groups[:3] + result.groups[-1:]:
         cos = g.chain[0].cos_omega if g.chain else None
         cos_text = f"{cos:+.3f}" if cos is not None else "  n/a"
@@ -128,7 +200,11 @@ def run_demo(out: Path | None = None, quiet: bool = False) -> Path:
         print(f"  ... {len(result.groups)} groups in all")
     for path in result.outputs:
         print(f"  wrote {path}")
-    _demo_check(root, result.outputs, quiet)
+    _demo_check(root, result.outputs[1::2], quiet)
+    print("\n" + "\n".join(line for line in front_lines if line.startswith("WARP front")
+                            or "\n" in line or not line.startswith("loading")))
+    print(f"\nThe front: {root / 'merged' / 'front.png'} (and front.json: every sample); "
+          f"per-layer angles: {result.outputs[0] / 'angles.png'}")
     return root
 
 

@@ -232,7 +232,7 @@ def front(
 def sample_completions(
     model: Gemma2,
     prompt_ids: list[list[int]],
-    tokenizer: Tokenizer,
+    tokenizer: Tokenizer | None,
     samples: int,
     max_new_tokens: int,
     seed: int,
@@ -240,7 +240,10 @@ def sample_completions(
     context: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Sample]:
-    """`samples` completions of each prompt at temperature 1, from one generator seeded once."""
+    """`samples` completions of each prompt at temperature 1, from one generator seeded once.
+
+    A completion ends with the first stop id sampled (kept) or after the token budget.
+    """
     from .gemma2 import decode
 
     generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -254,7 +257,8 @@ def sample_completions(
         for row in new:
             end = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             completion = row[:end]
-            out.append(Sample(p, list(ids), completion, decode(tokenizer, completion).strip()))
+            text = decode(tokenizer, completion).strip() if tokenizer is not None else ""
+            out.append(Sample(p, list(ids), completion, text))
         if progress is not None:
             progress(p + 1, len(prompt_ids))
     return out
@@ -434,3 +438,49 @@ def format_front(report: FrontReport | dict[str, Any]) -> str:
     lines += ["", "KL(π‖π_init) per sequence, estimated on π's own samples: mean ± standard "
               "error.", "tokens: mean completion length."]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# After a merge
+# --------------------------------------------------------------------------------------------
+
+
+def front_of_merge(
+    outputs: Sequence[tuple[Path, float]],
+    init: Path,
+    runs: Sequence[tuple[str, Path]],
+    root: Path,
+    prompts: str | Path,
+    reward_model: str | Path | None = None,
+    reward: str | RewardFunction | None = None,
+    samples: int = 4,
+    max_new_tokens: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The front of a finished merge: its η outputs, the init and each run's model.
+
+    Writes front.json and front.png into `root` (the parent of the eta-* folders, or the one
+    output folder) and returns front.json's data. Paths in the file are folder names only: it
+    may be pushed with the model.
+    """
+    from .plots import plot_front
+
+    models = [folder for folder, _ in outputs] + [path for _, path in runs]
+    names = [f"eta-{eta:g}" for _, eta in outputs] + [name for name, _ in runs]
+    report = front(models, init=init, prompts=prompts, reward_model=reward_model, reward=reward,
+                   samples=samples, max_new_tokens=max_new_tokens, seed=seed, device=device,
+                   dtype=dtype, names=names, progress=progress)
+    data = report.to_dict()
+    data["init"] = Path(data["init"]).name
+    if isinstance(data["reward"], str) and Path(data["reward"]).is_absolute():
+        data["reward"] = Path(data["reward"]).name
+    for m in data["models"]:
+        m["path"] = Path(m["path"]).name
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "front.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n",
+                                     encoding="utf-8")
+    plot_front(data, root / "front.png")
+    return data
