@@ -15,14 +15,14 @@ import torch
 from conftest import GOOD_CONFIG, TINY, perturb, random_model, run_cli, write_model, write_tokenizer
 
 from warpmerge.errors import InputError
-from warpmerge.front import (
+from warpmerge.gemma2 import Gemma2
+from warpmerge.kl_reward import (
     Sample,
     front,
     mean_stderr,
     sample_completions,
     score_samples,
 )
-from warpmerge.gemma2 import Gemma2
 
 FIXTURES = Path(__file__).parent / "fixtures"
 STOP = 1  # <eos>: the only stop id in a vocabulary of 4 (<end_of_turn> is 107, out of range)
@@ -230,7 +230,7 @@ def test_input_errors(models: dict[str, Path], tmp_path: Path) -> None:
 
 def test_models_larger_than_memory_are_refused_up_front(
         models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import warpmerge.front as wf
+    import warpmerge.kl_reward as wf
 
     monkeypatch.setattr(wf, "_available_bytes", lambda device: 1000)
     with pytest.raises(InputError, match=r"init: needs 0\.0 GB in float32 on cpu, only"):
@@ -332,3 +332,12 @@ def test_run_with_a_front_section_writes_front_json_and_png(
         assert "](front.png)" in card and "](angles.png)" in card
         provenance = json.loads((folder / "warpmerge.json").read_text())
         assert provenance["front"]["model"]["eta"] == provenance["eta"]
+
+
+def test_warpmerge_front_is_the_function() -> None:
+    """The module has another name: a submodule named front would replace the function."""
+    import warpmerge
+    import warpmerge.api  # noqa: F401  (imports the front's module)
+    import warpmerge.kl_reward
+
+    assert warpmerge.front is warpmerge.kl_reward.front

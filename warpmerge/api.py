@@ -83,7 +83,7 @@ def _front_outputs(plan: Plan, result: RunResult, quiet: bool,
 
     import torch
 
-    from .front import format_front, front_of_merge
+    from .kl_reward import format_front, front_of_merge
     from .sources import model_folder
 
     settings = plan.config.front

@@ -163,8 +163,8 @@ def front(
     """KL from the init and mean reward of each MODEL, on sampled completions: the WARP front."""
     import json
 
-    from .front import format_front
-    from .front import front as run_front
+    from .kl_reward import format_front
+    from .kl_reward import front as run_front
     from .sources import model_folder
 
     _imports_done()

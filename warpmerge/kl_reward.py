@@ -1,4 +1,4 @@
-"""The WARP front: for each model, KL from the init against reward, on sampled completions.
+"""The WARP front (`warpmerge.front`): each model's KL from the init against its reward.
 
 WARP's η trades reward for closeness to the init; choosing it needs both numbers per model.
 

@@ -1,0 +1,41 @@
+"""What angles.png costs `warpmerge run`: the demo's merge in fresh processes, with the plot
+and with it switched off, alternating; medians of the wall time of the whole process.
+
+    PYTHONPATH=$PWD python benchmarks/angles_plot.py [repeats]
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from warpmerge.demo import build_setup
+
+RUN = """
+import sys, warpmerge.api as api
+if sys.argv[2] == "off":
+    api._plot_angles = lambda plan, result: None
+api.run(sys.argv[1], force=True)
+"""
+
+
+def main(repeats: int = 5) -> None:
+    root = Path(tempfile.mkdtemp(prefix="warpmerge-bench-angles-"))
+    config = build_setup(root)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    for _ in range(repeats):
+        for mode in ("off", "on"):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", RUN, str(config), mode], check=True)
+            times[mode].append(time.perf_counter() - t0)
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    print(f"run without angles.png: median {off:.2f} s; with: {on:.2f} s; "
+          f"ratio {on / off:.3f} ({repeats} alternating runs each)")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
