@@ -127,13 +127,20 @@ def plot_angles(groups: list[dict[str, Any]], run_names: list[str],
     FigureCanvasAgg(fig)
     top, bottom = fig.subplots(2, 1, sharex=True)
     xs = list(range(len(plot.positions)))
-    for label, values in plot.cos.items():
-        top.plot(xs, values, "o-", ms=3, label=label)
+    layers = [x for x in xs if plot.positions[x].isdigit()]  # joined by a line, others not
+    others = [x for x in xs if not plot.positions[x].isdigit()]
+
+    def draw(ax: Any, label: str, values: list[float], color: str) -> None:
+        ax.plot(layers, [values[x] for x in layers], "o-", ms=3, color=color, label=label)
+        ax.plot(others, [values[x] for x in others], "s", ms=5, color=color)
+
+    for k, (label, values) in enumerate(plot.cos.items()):
+        draw(top, label, values, f"C{k}")
     top.axhline(0.0, color="grey", lw=0.5)
     top.set_ylabel("cos Ω")
     top.set_title("Task vectors δ = θ_run − θ_init, per layer")
-    for label, values in plot.norms.items():
-        bottom.plot(xs, values, "o-", ms=3, label=label)
+    for k, (label, values) in enumerate(plot.norms.items()):
+        draw(bottom, label, values, f"C{k}")
     bottom.set_ylabel("‖δ‖")
     bottom.set_xlabel("layer")
     step = max(1, len(xs) // 24)  # at most ~24 tick labels
