@@ -201,8 +201,7 @@ def run_demo(out: Path | None = None, quiet: bool = False) -> Path:
     for path in result.outputs:
         print(f"  wrote {path}")
     _demo_check(root, result.outputs[1::2], quiet)
-    print("\n" + "\n".join(line for line in front_lines if line.startswith("WARP front")
-                            or "\n" in line or not line.startswith("loading")))
+    print("\n" + "\n".join(line for line in front_lines if not line.startswith("loading")))
     print(f"\nThe front: {root / 'merged' / 'front.png'} (and front.json: every sample); "
           f"per-layer angles: {result.outputs[0] / 'angles.png'}")
     return root
