@@ -124,6 +124,8 @@ def models(tmp_path: Path) -> dict[str, Path]:
         "    return [float(a in c.split()) for c, a in zip(completions, answer)]\n"
         "def length(prompts, completions, completion_ids):\n"
         "    return [len(ids) for ids in completion_ids]\n"
+        "def answer_number(prompts, completions, answer):\n"
+        "    return [float(a[1:]) for a in answer]\n"
         "def short(prompts, completions):\n    return [1.0]\n"
         "def boom(prompts, completions):\n    raise ValueError('no luck')\n"
         "def words(prompts, completions):\n    return ['high'] * len(completions)\n"
@@ -191,6 +193,10 @@ def test_the_same_seed_gives_the_same_samples(models: dict[str, Path]) -> None:
 
 
 def test_reward_function_gets_the_fields_by_name(models: dict[str, Path]) -> None:
+    data = run_front(models, reward="frontrewards:answer_number")
+    for m in data["models"]:
+        assert [x["reward"] for x in m["samples"]] == [[3.0, 7.0][x["prompt"]]
+                                                       for x in m["samples"]]
     data = run_front(models, reward="frontrewards:exact")
     for m in data["models"]:
         for x in m["samples"]:

@@ -65,13 +65,21 @@ def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
 
 
 def _plot_angles(plan: Plan, result: RunResult) -> None:
-    """angles.png (cos Ω and task-vector norms per layer) in each output folder and its card."""
+    """angles.png (cos Ω and task-vector norms per layer) in each output folder and its card.
+
+    Every output has the same groups: drawn once, copied to the others."""
+    import shutil
+
     from .plots import plot_angles
 
+    first, *others = result.outputs
+    if plot_angles(result.provenance.get("groups") or [], plan.run_names,
+                   first / "angles.png") is None:
+        return
+    for folder in others:
+        shutil.copyfile(first / "angles.png", folder / "angles.png")
     for folder in result.outputs:
-        if plot_angles(result.provenance.get("groups") or [], plan.run_names,
-                       folder / "angles.png") is not None:
-            _update_provenance(plan, folder, plots={"angles": "angles.png"})
+        _update_provenance(plan, folder, plots={"angles": "angles.png"})
 
 
 def _front_outputs(plan: Plan, result: RunResult, quiet: bool,

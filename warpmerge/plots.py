@@ -148,8 +148,8 @@ def plot_angles(groups: list[dict[str, Any]], run_names: list[str],
                       fontsize=8)
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left")  # "best" searches: slow with many points
+    fig.subplots_adjust(left=0.1, right=0.97, top=0.93, bottom=0.14, hspace=0.12)
     fig.savefig(path, format="png")
     width, height = fig.canvas.get_width_height()
     plot.size = (int(width), int(height))
