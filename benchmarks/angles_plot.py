@@ -19,6 +19,7 @@ RUN = """
 import sys, warpmerge.api as api
 if sys.argv[2] == "off":
     api._plot_angles = lambda plan, result: None
+    api._import_plotting_meanwhile = lambda: None
 api.run(sys.argv[1], force=True)
 """
 

@@ -301,7 +301,6 @@ def test_cli_json_table_and_plot(models: dict[str, Path], tmp_path: Path,
     assert code == 2 and "--device" in err
 
 
-@pytest.mark.slow
 def test_run_with_a_front_section_writes_front_json_and_png(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import warpmerge

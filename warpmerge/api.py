@@ -34,6 +34,7 @@ def run(
                       allow_nonfinite=allow_nonfinite)
     for warning in plan.warnings:
         echo(f"warning: {warning}")
+    _import_plotting_meanwhile()
     result = execute(plan, quiet=quiet, resume=resume)
     _plot_angles(plan, result)
     if cfg.check is not None:
@@ -62,6 +63,16 @@ def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
             entry["path"] = Path(entry["path"]).name
         _update_provenance(plan, folder, check=figures)
         echo(f"Check of {folder.name}:\n{format_report(report)}")
+
+
+def _import_plotting_meanwhile() -> None:
+    """matplotlib imported on a side thread while the merge runs (the merge's work is in
+    torch, outside the GIL): angles.png then costs its drawing only."""
+    import threading
+
+    from .plots import import_matplotlib
+
+    threading.Thread(target=import_matplotlib, daemon=True).start()
 
 
 def _plot_angles(plan: Plan, result: RunResult) -> None:

@@ -33,6 +33,12 @@ class AnglesPlot:
     size: tuple[int, int] = (0, 0)
 
 
+def import_matplotlib() -> None:
+    """The modules the plots use (an import is done once per process; see api.run)."""
+    import matplotlib.backends.backend_agg  # noqa: F401
+    import matplotlib.figure  # noqa: F401
+
+
 def point_label(model: dict[str, Any]) -> str:
     """η of a merged model ('η=0.3'), else its name."""
     return f"η={model['eta']:g}" if model.get("eta") is not None else str(model["name"])
