@@ -346,3 +346,21 @@ def test_warpmerge_front_is_the_function() -> None:
     import warpmerge.kl_reward
 
     assert warpmerge.front is warpmerge.kl_reward.front
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ("front:\n  prompts: p.jsonl\n  device: tpu\n", "warp.yaml:12: front.device: device must be"),
+    ("front:\n  prompts: p.jsonl\n  reward: m:f\n  reward_model: rm\n",
+     "warp.yaml:10: front: give reward_model or reward, not both"),
+    ("front:\n  prompts: p.jsonl\n  sample: 4\n", "front.sample: unknown key (did you mean "
+                                                  "'samples'?)"),
+    ("front:\n  reward: m:f\n", "front.prompts: field required"),
+])
+def test_front_config_errors(tmp_path: Path, section: str, message: str) -> None:
+    from warpmerge.config import load_config
+    from warpmerge.errors import ConfigError
+
+    (tmp_path / "warp.yaml").write_text(GOOD_CONFIG + section)
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "warp.yaml")
+    assert message in str(err.value)
