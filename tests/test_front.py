@@ -364,3 +364,17 @@ def test_front_config_errors(tmp_path: Path, section: str, message: str) -> None
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "warp.yaml")
     assert message in str(err.value)
+
+
+def test_run_checks_the_front_inputs_before_writing(tmp_path: Path) -> None:
+    import warpmerge
+
+    init = random_model(0, WORDS)
+    write_model(tmp_path / "init", init, WORDS)
+    for run in ("a", "b"):
+        for t in (1, 2):
+            write_model(tmp_path / f"run-{run}" / f"step-{t}", perturb(init, t), WORDS)
+    (tmp_path / "warp.yaml").write_text(GOOD_CONFIG + "front:\n  prompts: missing.jsonl\n")
+    with pytest.raises(InputError, match="missing.jsonl: prompts file does not exist"):
+        warpmerge.run(tmp_path / "warp.yaml")
+    assert not (tmp_path / "out").exists()
