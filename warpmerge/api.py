@@ -29,6 +29,8 @@ def run(
     lines a user should see (check tables, pushed URLs).
     """
     cfg = config if isinstance(config, WarpConfig) else load_config(config)
+    if cfg.front is not None:
+        _validate_front(cfg)
     plan = plan_merge(cfg, Path(out) if out is not None else None, force=force,
                       progress=not quiet, chunk=chunk, max_memory=max_memory, threads=threads,
                       allow_nonfinite=allow_nonfinite)
@@ -63,6 +65,16 @@ def _check_outputs(plan: Plan, result: RunResult, quiet: bool,
             entry["path"] = Path(entry["path"]).name
         _update_provenance(plan, folder, check=figures)
         echo(f"Check of {folder.name}:\n{format_report(report)}")
+
+
+def _validate_front(cfg: WarpConfig) -> None:
+    """The front's prompts and reward function, checked before anything is written."""
+    from .rewards import load_reward_function
+    from .sampling import read_prompt_records
+
+    records = read_prompt_records(cfg.resolve_path(cfg.front.prompts))
+    if cfg.front.reward is not None:
+        load_reward_function(cfg.front.reward).check_fields(records)
 
 
 def _import_plotting_meanwhile() -> None:
