@@ -16,9 +16,9 @@ from pathlib import Path
 from warpmerge.demo import build_setup
 
 RUN = """
-import sys, warpmerge.api as api
+import sys, warpmerge.api as api, warpmerge.metadata as metadata
 if sys.argv[2] == "off":
-    api._plot_angles = lambda plan, result: None
+    metadata._angles_png = lambda plan, provenance: None
     api._import_plotting_meanwhile = lambda: None
 api.run(sys.argv[1], force=True)
 """

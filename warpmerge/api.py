@@ -38,7 +38,6 @@ def run(
         echo(f"warning: {warning}")
     _import_plotting_meanwhile()
     result = execute(plan, quiet=quiet, resume=resume)
-    _plot_angles(plan, result)
     if cfg.check is not None:
         _check_outputs(plan, result, quiet, echo)
     if cfg.front is not None:
@@ -85,24 +84,6 @@ def _import_plotting_meanwhile() -> None:
     from .plots import import_matplotlib
 
     threading.Thread(target=import_matplotlib, daemon=True).start()
-
-
-def _plot_angles(plan: Plan, result: RunResult) -> None:
-    """angles.png (cos Ω and task-vector norms per layer) in each output folder and its card.
-
-    Every output has the same groups: drawn once, copied to the others."""
-    import shutil
-
-    from .plots import plot_angles
-
-    first, *others = result.outputs
-    if plot_angles(result.provenance.get("groups") or [], plan.run_names,
-                   first / "angles.png") is None:
-        return
-    for folder in others:
-        shutil.copyfile(first / "angles.png", folder / "angles.png")
-    for folder in result.outputs:
-        _update_provenance(plan, folder, plots={"angles": "angles.png"})
 
 
 def _front_outputs(plan: Plan, result: RunResult, quiet: bool,

@@ -73,7 +73,18 @@ def write_metadata(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None
         for name in MODEL_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, folder / name)
+    png = _angles_png(plan, provenance)
+    if png is not None:  # written here, in the staging folder, so that it is fsynced with it
+        (folder / "angles.png").write_bytes(png)
+        provenance = {**provenance, "plots": {"angles": "angles.png"}}
     write_provenance(folder, provenance, read_license(src))
+
+
+def _angles_png(plan: Plan, provenance: dict[str, Any]) -> bytes | None:
+    """The per-layer angles figure (see warpmerge.plots), None with a single run."""
+    from .plots import angles_png
+
+    return angles_png(provenance.get("groups") or [], plan.run_names)
 
 
 def write_provenance(folder: Path, provenance: dict[str, Any], license_: str | None) -> None:

@@ -7,6 +7,7 @@ data it drew, which is what tests and the card rely on.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -160,6 +161,25 @@ def plot_angles(groups: list[dict[str, Any]], run_names: list[str],
     width, height = fig.canvas.get_width_height()
     plot.size = (int(width), int(height))
     return plot
+
+
+def angles_png(groups: list[dict[str, Any]], run_names: list[str]) -> bytes | None:
+    """plot_angles' PNG as bytes, drawn once for the outputs of one merge (they share groups)."""
+    import json
+
+    return _angles_png(json.dumps(groups), tuple(run_names))
+
+
+@functools.lru_cache(maxsize=1)
+def _angles_png(groups_json: str, run_names: tuple[str, ...]) -> bytes | None:
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="warpmerge-plot-") as tmp:
+        path = Path(tmp) / "angles.png"
+        if plot_angles(json.loads(groups_json), list(run_names), path) is None:
+            return None
+        return path.read_bytes()
 
 
 def _cos(gram: list[list[float]], i: int, j: int) -> float:
