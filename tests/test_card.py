@@ -153,3 +153,18 @@ def test_tokens_never_appear(monkeypatch: pytest.MonkeyPatch) -> None:
     text = render_card(p)
     assert token not in text
     ModelCard(text)  # still a valid card
+
+
+def test_plots_and_this_models_front_row() -> None:
+    p = provenance()
+    assert "![" not in render_card(p)  # no plots recorded: no images
+    p["plots"] = {"angles": "angles.png"}
+    p["front"] = {"plot": "front.png", "reward": "Skywork/Skywork-Reward-Gemma-2-27B-v0.2",
+                  "model": {"name": "eta-0.3", "path": "eta-0.3", "eta": 0.3,
+                            "kl": {"mean": 1.25, "stderr": 0.5, "per_token": 0.0125},
+                            "reward": {"mean": 0.75, "stderr": 0.125}}}
+    body = ModelCard(render_card(p)).text
+    # relative paths: the images sit beside README.md in the pushed folder
+    assert "](angles.png)" in body and "](front.png)" in body
+    assert "| eta-0.3 | 0.3 | 1.25 ± 0.5 | 0.0125 | 0.75 ± 0.125 |" in body
+    assert body.index("## SLERP angles") < body.index("](angles.png)") < body.index("## WARP front")

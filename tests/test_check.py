@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_tokenizer
+from conftest import run_cli, write_tokenizer
 from safetensors.torch import load_file, save_file
 
 from warpmerge.check import (
     CHECK_LENGTH,
     CHECK_SEQUENCES,
     builtin_sequences,
-    check_command,
     check_models,
     format_report,
     read_prompts,
@@ -49,7 +48,7 @@ def test_builtin_sequences_are_fixed() -> None:
 
 @pytest.mark.slow
 def test_model_against_itself() -> None:
-    report = check_models(FIXTURE, [FIXTURE], progress=False)
+    report = check_models(FIXTURE, [FIXTURE])
     (same,) = report.against
     assert same.kl == 0.0 and same.kl_reverse == 0.0 and same.top1_agreement == 1.0
     assert same.nll == report.model.nll > 0
@@ -62,7 +61,7 @@ def test_kl_against_perturbed_copy_matches_independent_computation(tmp_path: Pat
     """Recompute every number with transformers' Gemma 2 and plain formulas."""
     transformers = pytest.importorskip("transformers")
     merged = perturbed_copy(tmp_path / "merged")
-    report = check_models(merged, [FIXTURE], progress=False)
+    report = check_models(merged, [FIXTURE])
     (init,) = report.against
     assert init.kl > 1e-4 and init.kl_reverse > 1e-4 and init.top1_agreement < 1.0
 
@@ -91,17 +90,20 @@ def test_kl_against_perturbed_copy_matches_independent_computation(tmp_path: Pat
 @pytest.mark.slow
 def test_bfloat16_check_runs(tmp_path: Path) -> None:
     merged = perturbed_copy(tmp_path / "merged")
-    fp32 = check_models(merged, [FIXTURE], progress=False)
-    bf16 = check_models(merged, [FIXTURE], dtype=torch.bfloat16, progress=False)
+    fp32 = check_models(merged, [FIXTURE])
+    bf16 = check_models(merged, [FIXTURE], dtype=torch.bfloat16)
     assert bf16.dtype == "bfloat16"
     assert bf16.against[0].kl == pytest.approx(fp32.against[0].kl, rel=0.2)
 
 
 @pytest.mark.slow
-def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                     capsys: pytest.CaptureFixture[str]) -> None:
     merged = perturbed_copy(tmp_path / "merged")
-    check_command(str(merged), [str(FIXTURE)], "float32", True, None, True)
-    data = json.loads(capsys.readouterr().out)
+    code, out, _ = run_cli(["check", str(merged), "--against", str(FIXTURE), "--json", "-q"],
+                           monkeypatch, capsys)
+    assert code == 0
+    data = json.loads(out)
     assert set(data) == {"dtype", "check_tokens", "prompts", "max_new_tokens", "model", "against"}
     assert data["dtype"] == "float32" and data["prompts"] is None
     assert data["check_tokens"]["source"] == "builtin"
@@ -113,10 +115,12 @@ def test_json_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
 
 
 @pytest.mark.slow
-def test_table_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_table_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
     merged = perturbed_copy(tmp_path / "merged")
-    check_command(str(merged), [str(FIXTURE)], "bf16", False, None, True)
-    out = capsys.readouterr().out
+    code, out, err = run_cli(["check", str(merged), "--against", str(FIXTURE), "--dtype", "bf16",
+                              "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0 and "loading" in err  # progress goes to stderr, the table to stdout
     assert "bfloat16" in out and "KL(a‖m)" in out and "top-1" in out
     assert str(FIXTURE) in out
 
@@ -129,7 +133,7 @@ def test_prompts_give_continuations(tmp_path: Path) -> None:
     prompts_file.write_text("w1 w2 w3\n\nw4 w5\n")
     prompts = read_prompts(prompts_file)
     assert prompts == ["w1 w2 w3", "w4 w5"]
-    report = check_models(model, [FIXTURE], prompts=prompts, max_new_tokens=5, progress=False)
+    report = check_models(model, [FIXTURE], prompts=prompts, max_new_tokens=5)
     assert report.source == "prompts" and report.num_sequences == 2
     tok = load_tokenizer(model)
     assert tok is not None
@@ -145,25 +149,35 @@ def test_prompts_give_continuations(tmp_path: Path) -> None:
     assert " │ " not in narrow
 
 
-def test_input_errors(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="nope: model folder does not exist"):
-        check_command(str(tmp_path / "nope"), [], "float32", False, None, True)
+def test_input_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    def cli(*args: str) -> tuple[int, str]:
+        code, out, err = run_cli(["check", *args], monkeypatch, capsys)
+        assert out == ""
+        return code, err
+
+    code, err = cli(str(tmp_path / "nope"))
+    assert code == 2 and "nope: model folder does not exist" in err
     with pytest.raises(InputError, match="missing: model folder does not exist"):
-        check_models(FIXTURE, [tmp_path / "missing"], progress=False)
-    with pytest.raises(ConfigError, match="--dtype"):
-        check_command(str(FIXTURE), [], "float16", False, None, True)
+        check_models(FIXTURE, [tmp_path / "missing"])
+    code, err = cli(str(FIXTURE), "--dtype", "float16")
+    assert code == 2 and err.startswith("error: --dtype: dtype must be float32 or bfloat16")
+    with pytest.raises(ConfigError, match="^dtype must be"):  # the library names no flag
+        check_models(FIXTURE, [], dtype=torch.float16)
+    code, err = cli(str(FIXTURE), "--device", "tpu")
+    assert code == 2 and "--device: device must be cpu, cuda, cuda:N or mps" in err
     llama = tmp_path / "llama"
     llama.mkdir()
     (llama / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(InputError, match="not a Gemma 2 config"):
-        check_models(llama, [], progress=False)
+        check_models(llama, [])
     with pytest.raises(InputError, match="tokenizer.json"):
-        check_models(FIXTURE, [], prompts=["hello"], progress=False)
-    with pytest.raises(InputError, match="prompts file does not exist"):
-        check_command(str(FIXTURE), [], "float32", False, tmp_path / "p.txt", True)
+        check_models(FIXTURE, [], prompts=["hello"])
+    code, err = cli(str(FIXTURE), "--prompts", str(tmp_path / "p.txt"))
+    assert code == 2 and "prompts file does not exist" in err
     bigger = tmp_path / "bigger"
     bigger.mkdir()
     raw = json.loads((FIXTURE / "config.json").read_text())
     (bigger / "config.json").write_text(json.dumps({**raw, "vocab_size": 640}))
     with pytest.raises(InputError, match="vocab_size"):
-        check_models(FIXTURE, [bigger], progress=False)
+        check_models(FIXTURE, [bigger])

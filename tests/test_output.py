@@ -78,7 +78,7 @@ def test_single_shard_and_metadata_files(tmp_path):
     out = merge(tmp_path, "5GB", dtype="float32", eta=[0.5])
     names = {p.name for p in out.iterdir()}
     assert names == {"model.safetensors", "config.json", "generation_config.json",
-                     "tokenizer_config.json", "warpmerge.json", "README.md"}
+                     "tokenizer_config.json", "warpmerge.json", "README.md", "angles.png"}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     prov = json.loads((out / "warpmerge.json").read_text())
     assert prov["warpmerge_version"] == warpmerge.__version__

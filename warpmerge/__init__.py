@@ -4,6 +4,7 @@
     result = warpmerge.run("warp.yaml")      # or warpmerge.run(warpmerge.WarpConfig(...))
     result.outputs                            # one folder per η
     print(warpmerge.plan("warp.yaml"))        # what --dry-run prints; writes nothing
+    report = warpmerge.front(models, init=..., prompts=..., reward=...)   # the WARP front
 
 Names are imported on first use, so that `warpmerge --help` does not pay for torch.
 """
@@ -24,6 +25,8 @@ _EXPORTS = {
     "ema": "ops",
     "slerp": "ops",
     "liti": "ops",
+    "front": "kl_reward",  # the module is not named front: importing it would shadow this name
+    "FrontReport": "kl_reward",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -1,7 +1,8 @@
 """The Python entry points: the same power as the command line, returning data.
 
-`plan` does all that `warpmerge run --dry-run` does; `run` merges, checks and pushes as the
-config says. Nothing here prints: lines a user should see go to the `echo` callback.
+`plan` does all that `warpmerge run --dry-run` does; `run` merges, then checks, traces the
+front and pushes as the config says. Nothing here prints: lines a user should see go to the
+`echo` callback, progress to the `progress` one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import WarpConfig, format_eta, load_config
-from .engine import RunResult, execute
+from .engine import RunResult, Staged, execute
 from .planner import Plan, plan_merge
 from .probes import probe_machine
 from .progress import Bars, Progress, silent
@@ -38,6 +39,8 @@ def plan(
     the network. `print(plan)` is the dry-run text.
     """
     cfg = config if isinstance(config, WarpConfig) else load_config(config)
+    if cfg.front is not None:
+        _validate_front(cfg)
     out = Path(out) if out is not None else None
     inputs = resolve_inputs(cfg, out, force=force, progress=not quiet, dry_run=dry_run)
     download_dir = None
@@ -67,11 +70,13 @@ def run(
     echo: Echo = lambda line: None,
     progress: Progress | None = None,
 ) -> RunResult:
-    """Merge as the config says, then check and push when the config asks for it.
+    """Merge as the config says, then check, trace the front and push when it asks for it.
 
     Returns the output folders and the per-group SLERP coefficients. `echo` receives the
-    lines a user should see (warnings, check tables, pushed URLs); `progress` how far each
-    pass got (default: bars on stderr unless `quiet`).
+    lines a user should see (warnings, check and front tables, pushed URLs); `progress` how
+    far each step got (default: bars on stderr unless `quiet`). The check's and the front's
+    figures are in each output's warpmerge.json and card, written once, before the outputs
+    take their final names.
     """
     if progress is None:
         progress = silent if quiet else Bars()
@@ -79,10 +84,20 @@ def run(
                  max_memory=max_memory, allow_nonfinite=allow_nonfinite, dry_run=False)
     for warning in merge.warnings:
         echo(f"warning: {warning}")
-    annotate = None
-    if merge.config.check is not None:
-        def annotate(staged: list[Path], final: list[Path]) -> list[dict[str, Any]]:
-            return _check_outputs(merge, staged, final, quiet, echo)
+    if merge.config.front is not None:
+        _import_plotting_meanwhile()
+
+    def annotate(staged: Staged) -> list[dict[str, Any]]:
+        extras: list[dict[str, Any]] = [{} for _ in merge.etas]
+        if merge.config.check is not None:
+            for extra, figures in zip(extras, _check_outputs(merge, staged, progress, echo),
+                                      strict=True):
+                extra["check"] = figures
+        if merge.config.front is not None:
+            for extra, front in zip(extras, _front_outputs(merge, staged, progress, echo),
+                                    strict=True):
+                extra["front"] = front
+        return extras
 
     result = execute(merge, progress=progress, resume=resume, annotate=annotate)
     if merge.config.output.push_to_hub is not None:
@@ -90,25 +105,88 @@ def run(
     return result
 
 
-def _check_outputs(plan: Plan, staged: list[Path], final: list[Path], quiet: bool,
+def _check_outputs(plan: Plan, staged: Staged, progress: Progress,
                    echo: Echo) -> list[dict[str, Any]]:
-    """The check report of each output against the init and each run's last checkpoint,
-    for its warpmerge.json and model card."""
+    """The check report of each output against the init and each run's last checkpoint."""
     from .check import check_models, format_report
 
     against = [plan.init.path] + [run[-1].path for run in plan.runs]
     check = plan.config.check
-    extras = []
-    for folder, name in zip(staged, final, strict=True):
+    figures = []
+    for folder, final in zip(staged.eta_dirs, staged.final_dirs, strict=True):
         report = check_models(folder, against, prompts=check.prompts,
-                              max_new_tokens=check.max_new_tokens, progress=not quiet)
-        report.model.path = str(name)  # the folder it is about to become, not the staging
-        echo(f"Check of {name.name}:\n{format_report(report)}")
-        figures = report.to_dict()
-        for entry in [figures["model"], *figures["against"]]:  # no local paths in files
+                              max_new_tokens=check.max_new_tokens, progress=progress)
+        report.model.path = str(final)  # the folder it is about to become, not the staging
+        echo(f"Check of {final.name}:\n{format_report(report)}")
+        data = report.to_dict()
+        for entry in [data["model"], *data["against"]]:  # no local paths in files
             entry["path"] = Path(entry["path"]).name
-        extras.append({"check": figures})
-    return extras
+        figures.append(data)
+    return figures
+
+
+def _validate_front(cfg: WarpConfig) -> None:
+    """The front's prompts and reward function, checked before anything is written."""
+    from .rewards import load_reward_function
+    from .sampling import read_prompt_records
+
+    records = read_prompt_records(cfg.resolve_path(cfg.front.prompts))
+    if cfg.front.reward is not None:
+        load_reward_function(cfg.front.reward).check_fields(records)
+
+
+def _import_plotting_meanwhile() -> None:
+    """matplotlib imported on a side thread while the merge runs (the merge's work is in
+    torch, outside the GIL): the plots then cost their drawing only."""
+    import threading
+
+    from .plots import import_matplotlib
+
+    threading.Thread(target=import_matplotlib, daemon=True).start()
+
+
+def _front_outputs(plan: Plan, staged: Staged, progress: Progress,
+                   echo: Echo) -> list[dict[str, Any]]:
+    """The WARP front of the η outputs, the init and each run (its saved EMA, else its last
+    checkpoint): front.json and front.png in the output root; each η output gets the plot and
+    its own row."""
+    import shutil
+
+    import torch
+
+    from .adapters import AdapterCheckpoint
+    from .kl_reward import format_front, front_of_merge
+    from .resolve import model_folder
+
+    settings = plan.config.front
+    runs = []
+    emas = staged.ema_dirs or [None] * len(plan.runs)
+    for name, run, ema in zip(plan.run_names, plan.runs, emas, strict=True):
+        if ema is None and isinstance(run[-1], AdapterCheckpoint):
+            echo(f"front: {name} left out (its last checkpoint is an adapter; set ema.save "
+                 "to place the run on the front)")
+            continue
+        runs.append((f"{name} ({'EMA' if ema is not None else 'last'})",
+                     ema if ema is not None else run[-1].path))
+    reward_model = (model_folder(settings.reward_model, plan.config.base_dir)
+                    if settings.reward_model else None)
+    data = front_of_merge(
+        list(zip(staged.eta_dirs, plan.etas, strict=True)), plan.init.path, runs, staged.root,
+        plan.config.resolve_path(settings.prompts), reward_model=reward_model,
+        reward=settings.reward, samples=settings.samples, max_new_tokens=settings.max_new_tokens,
+        seed=settings.seed, device=settings.device,
+        dtype=torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32,
+        progress=progress, shown={d: f.name for d, f in zip(staged.eta_dirs, staged.final_dirs,
+                                                           strict=True)})
+    rows = []
+    for folder, eta in zip(staged.eta_dirs, plan.etas, strict=True):
+        if folder != staged.root:
+            shutil.copyfile(staged.root / "front.png", folder / "front.png")
+        row = next(m for m in data["models"] if m["eta"] == eta)
+        rows.append({"plot": "front.png", "reward": data["reward"],
+                     "model": {k: v for k, v in row.items() if k != "samples"}})
+    echo(format_front(data))
+    return rows
 
 
 def _push_outputs(plan: Plan, result: RunResult, quiet: bool, echo: Echo) -> None:

@@ -112,8 +112,16 @@ def _body(p: dict, names: _Names) -> str:
     out += ["## Method", ""] + _method(p, config, runs) + [""]
 
     groups = p.get("groups") or []
+    plots = p.get("plots") or {}
     if groups:
         out += ["## SLERP angles", ""] + _angles(groups, runs) + [""]
+        if plots.get("angles"):
+            out += [f"![cos Ω between the runs' task vectors and their norms, per layer]"
+                    f"({plots['angles']})", ""]
+
+    front = p.get("front")
+    if isinstance(front, dict):
+        out += ["## WARP front", ""] + _front(front) + [""]
 
     check = p.get("check")
     if check:
@@ -220,6 +228,32 @@ def _check(check: dict, names: _Names) -> list[str]:
                 f"{_cell(other.get('nll'))} | {_cell(other.get('kl'))} | "
                 f"{_cell(other.get('kl_reverse'))} | {_cell(other.get('top1_agreement'))} |")
     return lines
+
+
+def _front(front: dict) -> list[str]:
+    """This model's point on the KL–reward plane, and the plot of every point (front.png)."""
+    lines = []
+    if front.get("plot"):
+        lines += [f"![KL from the init against reward, one point per model]({front['plot']})", ""]
+    row = front.get("model")
+    if isinstance(row, dict):
+        kl = row.get("kl") or {}
+        reward = row.get("reward") or {}
+        lines += [
+            "KL(π‖π_init) in nats per sequence, estimated on this model's own samples, and the "
+            f"mean reward ({_cell(front.get('reward'))}), each ± one standard error.",
+            "", "| model | η | KL | KL per token | reward |", "|---|---|---|---|---|",
+            f"| {_cell(row.get('name'))} | {_cell(row.get('eta'))} | "
+            f"{_pm(kl.get('mean'), kl.get('stderr'))} | {_cell(kl.get('per_token'))} | "
+            f"{_pm(reward.get('mean'), reward.get('stderr'))} |",
+        ]
+    return lines
+
+
+def _pm(mean: Any, stderr: Any) -> str:
+    if mean is None:
+        return "–"
+    return _cell(mean) + (f" ± {_num(stderr)}" if stderr is not None else "")
 
 
 def _model_name(name: str, names: _Names) -> str:

@@ -17,18 +17,17 @@ needs. Each `--against` model is then loaded, compared sequence by sequence, and
 
 from __future__ import annotations
 
-import json
+import re
 import shutil
-import sys
 import tempfile
 import textwrap
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from warpmerge.errors import ConfigError, InputError
 from warpmerge.gemma2 import (
@@ -39,6 +38,9 @@ from warpmerge.gemma2 import (
     load_tokenizer,
     stop_ids_for,
 )
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 CHECK_SEQUENCES = 8  # built-in check set: this many sequences ...
 CHECK_LENGTH = 64  # ... of this many tokens, <bos> first
@@ -153,9 +155,8 @@ def read_prompts(path: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# The check
+# The check, step by step: validate, build the check tokens, score each model, compare
 # --------------------------------------------------------------------------------------------
-
 
 class _LogProbStore:
     """Log-probs of the model under test, one float32 row per check position, in a temp file."""
@@ -172,24 +173,152 @@ class _LogProbStore:
         return torch.from_numpy(np.array(self.rows[start : start + count]))
 
 
-def _log_probs(model: Gemma2, ids: list[int]) -> torch.Tensor:
-    """log softmax of the next-token logits at every position, [T, V], in float32."""
-    logits = model(torch.tensor([ids]))[0]
-    return torch.log_softmax(logits.float(), dim=-1)
+Progress = Callable[[str, int, int], None]
+"""Told (what, done, total) as work advances; the CLI draws bars from it, the library prints
+nothing. total is 0 for a step without a count (loading a model)."""
 
 
-def _sum_nll(logp: torch.Tensor, ids: list[int]) -> float:
-    """Summed NLL of ids[1:] given their prefixes (the last position has no target)."""
-    targets = torch.tensor(ids[1:])
-    return -float(logp[:-1].gather(-1, targets[:, None]).double().sum())
+def _quiet(what: str, done: int, total: int) -> None:
+    pass
 
 
-def _validate_folder(path: Path) -> Gemma2Config:
+def validate_models(model: Path, against: list[Path]) -> Gemma2Config:
+    """Every folder exists and is a Gemma 2 with one shared vocabulary (KL needs it); returns
+    the config of `model`. Runs before any model is loaded, so bad input fails fast."""
+    config = validate_folder(model)
+    for other in against:
+        other_config = validate_folder(other)
+        if other_config.vocab_size != config.vocab_size:
+            raise InputError(
+                f"{other}: vocab_size {other_config.vocab_size} differs from {model}'s "
+                f"{config.vocab_size}; KL needs the same vocabulary"
+            )
+    return config
+
+
+def validate_folder(path: Path) -> Gemma2Config:
     if not path.exists():
         raise InputError(f"{path}: model folder does not exist")
     if not path.is_dir():
         raise InputError(f"{path}: not a folder")
     return Gemma2Config.from_folder(path)
+
+
+def find_tokenizer(folders: list[Path]) -> Tokenizer | None:
+    """The first tokenizer.json among the folders (merged outputs copy the init's)."""
+    for folder in folders:
+        tokenizer = load_tokenizer(folder)
+        if tokenizer is not None:
+            return tokenizer
+    return None
+
+
+def check_token_sequences(
+    config: Gemma2Config, tokenizer: Tokenizer | None, prompts: list[str] | None, model: Path
+) -> list[list[int]]:
+    """The token sequences every model is scored on: the rendered prompts, or the built-in set."""
+    if not prompts:
+        return builtin_sequences(config.vocab_size, config.bos_token_id)
+    if tokenizer is None:
+        raise InputError(f"{model}: prompts need a tokenizer.json in the model folder")
+    sequences = [encode_instruction(tokenizer, p) for p in prompts]
+    too_big = [i for seq in sequences for i in seq if i >= config.vocab_size]
+    if too_big:
+        raise InputError(
+            f"{model}: tokenizer produced id {too_big[0]} >= vocab_size {config.vocab_size}"
+        )
+    return sequences
+
+
+def log_probs(model: Gemma2, ids: list[int]) -> torch.Tensor:
+    """log softmax of the next-token logits at every position of one sequence, [T, V], float32."""
+    logits = model(torch.tensor([ids], device=model.device))[0]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def target_log_probs(logp: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """log p(ids[t] | ids[:t]) for t = 1 .. T-1, from `log_probs` rows, [T-1]."""
+    targets = torch.tensor(ids[1:])
+    return logp[:-1].gather(-1, targets[:, None])[:, 0]
+
+
+def sequence_log_prob(model: Gemma2, prompt_ids: list[int], completion_ids: list[int]) -> float:
+    """Σ_t log π(y_t | x, y_<t) over the completion: what the front's KL estimate is made of."""
+    ids = list(prompt_ids) + list(completion_ids)
+    logp = target_log_probs(log_probs(model, ids), ids)
+    return float(logp[len(prompt_ids) - 1 :].double().sum())
+
+
+@dataclass
+class ModelScores:
+    """One model on the check tokens: summed NLL and, per sequence, the argmax at each position."""
+
+    nll_sum: float
+    top1: list[torch.Tensor]
+
+
+def score_model(
+    model: Gemma2,
+    sequences: list[list[int]],
+    label: str,
+    progress: Progress = _quiet,
+    keep: _LogProbStore | None = None,
+    starts: list[int] | None = None,
+) -> ModelScores:
+    """NLL and argmaxes of one model; with `keep`, its log-prob rows are stored for `compare`."""
+    nll = 0.0
+    top1: list[torch.Tensor] = []
+    for i, ids in enumerate(sequences):
+        logp = log_probs(model, ids)
+        nll -= float(target_log_probs(logp, ids).double().sum())
+        top1.append(logp.argmax(-1))
+        if keep is not None and starts is not None:
+            keep.put(starts[i], logp)
+        progress(label, i + 1, len(sequences))
+    return ModelScores(nll, top1)
+
+
+def compare(
+    model: Gemma2,
+    sequences: list[list[int]],
+    reference: _LogProbStore,
+    starts: list[int],
+    reference_top1: list[torch.Tensor],
+    label: str,
+    progress: Progress = _quiet,
+) -> tuple[float, float, float, float]:
+    """(summed NLL, summed KL(model‖ref), summed KL(ref‖model), agreeing positions)."""
+    nll = kl = kl_rev = 0.0
+    agree = 0
+    for i, ids in enumerate(sequences):
+        logp = log_probs(model, ids)
+        ref = reference.get(starts[i], len(ids))
+        nll -= float(target_log_probs(logp, ids).double().sum())
+        diff = logp - ref
+        # clamp: rounding can make a per-position KL of identical rows -1e-9
+        kl += float((logp.exp() * diff).sum(-1).clamp_min(0).double().sum())
+        kl_rev += float((ref.exp() * -diff).sum(-1).clamp_min(0).double().sum())
+        agree += int((logp.argmax(-1) == reference_top1[i]).sum())
+        progress(label, i + 1, len(sequences))
+    return nll, kl, kl_rev, agree
+
+
+def greedy_continuations(
+    model: Gemma2,
+    sequences: list[list[int]],
+    tokenizer: Tokenizer,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    label: str,
+    progress: Progress = _quiet,
+) -> list[str]:
+    texts = []
+    for i, ids in enumerate(sequences):
+        new = model.generate(torch.tensor(ids, device=model.device), max_new_tokens,
+                             stop_ids=stop_ids)
+        texts.append(decode(tokenizer, new).strip())
+        progress(f"{label} (generate)", i + 1, len(sequences))
+    return texts
 
 
 def check_models(
@@ -198,7 +327,8 @@ def check_models(
     dtype: torch.dtype = torch.float32,
     prompts: list[str] | None = None,
     max_new_tokens: int = 32,
-    progress: bool = True,
+    progress: Progress | None = None,
+    device: str = "cpu",
 ) -> CheckReport:
     """Run the check (see the module docstring) and return the report.
 
@@ -209,93 +339,43 @@ def check_models(
         raise ConfigError(f"dtype must be float32 or bfloat16, got {dtype}")
     if max_new_tokens < 0:
         raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    config = _validate_folder(model)
-    for other in against:
-        other_config = _validate_folder(other)
-        if other_config.vocab_size != config.vocab_size:
-            raise InputError(
-                f"{other}: vocab_size {other_config.vocab_size} differs from {model}'s "
-                f"{config.vocab_size}; KL needs the same vocabulary"
-            )
-
-    tokenizer = None
-    if prompts:
-        for folder in (model, *against):
-            tokenizer = load_tokenizer(folder)
-            if tokenizer is not None:
-                break
-        if tokenizer is None:
-            raise InputError(f"{model}: prompts need a tokenizer.json in the model folder")
-        sequences = [encode_instruction(tokenizer, p) for p in prompts]
-        too_big = [i for seq in sequences for i in seq if i >= config.vocab_size]
-        if too_big:
-            raise InputError(
-                f"{model}: tokenizer produced id {too_big[0]} >= vocab_size {config.vocab_size}"
-            )
-        source = "prompts"
-    else:
-        prompts = None
-        sequences = builtin_sequences(config.vocab_size, config.bos_token_id)
-        source = "builtin"
+    device = parse_device(device)
+    tell = progress or _quiet
+    config = validate_models(model, against)
+    tokenizer = find_tokenizer([model, *against]) if prompts else None
+    sequences = check_token_sequences(config, tokenizer, prompts, model)
     starts = np.cumsum([0] + [len(s) for s in sequences]).tolist()
     stop_ids = stop_ids_for(tokenizer, config)
-
-    def bar(label: str) -> tqdm:
-        return tqdm(
-            sequences, desc=label, unit="seq", file=sys.stderr, disable=not progress, leave=False
-        )
+    dtype_name = str(dtype).removeprefix("torch.")
 
     def continuations(m: Gemma2, label: str) -> list[str] | None:
-        if tokenizer is None or not max_new_tokens:
-            return None if tokenizer is None else [""] * len(sequences)
-        texts = []
-        for ids in tqdm(
-            sequences,
-            desc=f"{label} (generate)",
-            unit="prompt",
-            file=sys.stderr,
-            disable=not progress,
-            leave=False,
-        ):
-            new = m.generate(torch.tensor(ids), max_new_tokens, stop_ids=stop_ids)
-            texts.append(decode(tokenizer, new).strip())
-        return texts
+        if tokenizer is None:
+            return None
+        if not max_new_tokens:
+            return [""] * len(sequences)
+        return greedy_continuations(m, sequences, tokenizer, max_new_tokens, stop_ids, label,
+                                    tell)
 
     def load(folder: Path) -> Gemma2:
-        if progress:
-            print(f"loading {folder} ({dtype_name})", file=sys.stderr, flush=True)
-        return Gemma2.from_pretrained(folder, dtype=dtype)
+        tell(f"loading {folder} ({dtype_name}, {device})", 0, 0)
+        return Gemma2.from_pretrained(folder, dtype=dtype, device=device)
 
-    dtype_name = str(dtype).removeprefix("torch.")
     with tempfile.TemporaryDirectory(prefix="warpmerge-check-") as tmp, torch.inference_mode():
         store = _LogProbStore(Path(tmp), starts[-1], config.vocab_size)
         main = load(model)
-        nll = 0.0
-        main_top1: list[torch.Tensor] = []
-        for i, ids in enumerate(bar(model.name or str(model))):
-            logp = _log_probs(main, ids)
-            nll += _sum_nll(logp, ids)
-            main_top1.append(logp.argmax(-1))
-            store.put(starts[i], logp)
+        label = model.name or str(model)
+        scores = score_model(main, sequences, label, tell, keep=store, starts=starts)
         n_targets = starts[-1] - len(sequences)
-        texts = continuations(main, model.name or str(model))
-        result = ModelCheck(str(model), nll / n_targets, continuations=texts)
+        result = ModelCheck(str(model), scores.nll_sum / n_targets,
+                            continuations=continuations(main, label))
         del main  # freed now (no reference cycles), before the next model loads
 
         compared: list[ModelCheck] = []
         for other in against:
             m = load(other)
-            nll = kl = kl_rev = 0.0
-            agree = 0
-            for i, ids in enumerate(bar(other.name or str(other))):
-                logp = _log_probs(m, ids)
-                ref = store.get(starts[i], len(ids))
-                nll += _sum_nll(logp, ids)
-                diff = logp - ref
-                # clamp: rounding can make a per-position KL of identical rows -1e-9
-                kl += float((logp.exp() * diff).sum(-1).clamp_min(0).double().sum())
-                kl_rev += float((ref.exp() * -diff).sum(-1).clamp_min(0).double().sum())
-                agree += int((logp.argmax(-1) == main_top1[i]).sum())
+            label = other.name or str(other)
+            nll, kl, kl_rev, agree = compare(m, sequences, store, starts, scores.top1, label,
+                                             tell)
             n = starts[-1]
             compared.append(
                 ModelCheck(
@@ -304,7 +384,7 @@ def check_models(
                     kl=kl / n,
                     kl_reverse=kl_rev / n,
                     top1_agreement=agree / n,
-                    continuations=continuations(m, other.name or str(other)),
+                    continuations=continuations(m, label),
                 )
             )
             del m
@@ -314,14 +394,42 @@ def check_models(
         model=result,
         against=compared,
         dtype=dtype_name,
-        source=source,
+        source="prompts" if prompts else "builtin",
         num_sequences=len(sequences),
         num_positions=starts[-1],
         num_targets=n_targets,
-        prompts=prompts,
+        prompts=prompts or None,
         max_new_tokens=max_new_tokens,
         sequence_lengths=[len(s) for s in sequences],
     )
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'float32', 'bf16', ... -> the torch dtype; ConfigError (the CLI names its flag)."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"dtype must be float32 or bfloat16, got {name!r}") from None
+
+
+DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def parse_device(name: str) -> str:
+    """cpu | cuda | cuda:N | mps, and present on this machine: else a ConfigError."""
+    name = str(name).strip().lower()
+    if not DEVICE.match(name):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name}: CUDA is not available on this machine")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name}: this machine has {torch.cuda.device_count()} "
+                              "CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps: MPS is not available on this machine")
+    return name
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,40 +515,3 @@ def _side_by_side(report: CheckReport, rows: list[ModelCheck], width: int) -> li
                 lines.append(gap.join(cells).rstrip())
             lines.append("")
     return lines
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise ConfigError(f"--dtype must be float32 or bfloat16, got {name!r}") from None
-
-
-def check_command(
-    model: str,
-    against: list[str],
-    dtype: str,
-    json_out: bool,
-    prompts_file: Path | None,
-    quiet: bool,
-    max_new_tokens: int = 32,
-) -> None:
-    """`warpmerge check`: run the check and print the table (or JSON with json_out) to stdout.
-
-    Bad input raises ConfigError (options) or InputError (models, prompts) with one line naming
-    the culprit, before any model is loaded.
-    """
-    torch_dtype = parse_dtype(dtype)
-    prompts = read_prompts(Path(prompts_file)) if prompts_file is not None else None
-    report = check_models(
-        Path(model),
-        [Path(a) for a in against],
-        dtype=torch_dtype,
-        prompts=prompts,
-        max_new_tokens=max_new_tokens,
-        progress=not quiet,
-    )
-    if json_out:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        print(format_report(report))

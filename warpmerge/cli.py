@@ -10,12 +10,16 @@ import gc
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from . import __version__
+
+T = TypeVar("T")
 
 app = typer.Typer(
     add_completion=False,
@@ -71,7 +75,6 @@ def run(
     from .api import run as run_merge
     from .config import load_config
     from .errors import ConfigError
-    from .progress import Bars
     from .units import parse_size
 
     _imports_done()
@@ -90,15 +93,11 @@ def run(
         typer.echo(str(plan))
         typer.echo("Dry run: nothing written.")
         return
-    bars = Bars() if not quiet else None
-    try:
+    with _bars(quiet) as bars:
         result = run_merge(cfg, out=out, force=force, threads=threads, quiet=quiet,
                            chunk=chunk_size, max_memory=budget, allow_nonfinite=allow_nonfinite,
                            resume=resume, progress=bars,
                            echo=bars.echo if bars else lambda line: typer.echo(line, err=True))
-    finally:
-        if bars:
-            bars.close()
     for path in result.outputs + result.ema_outputs:
         typer.echo(str(path))
     if not quiet:
@@ -111,6 +110,8 @@ def check(
     against: Annotated[list[str] | None, typer.Option(
         "--against", help="Compare with this model (repeatable).")] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option(
+        "--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
     = False,
     prompts: Annotated[Path | None, typer.Option(
@@ -119,16 +120,124 @@ def check(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """NLL of MODEL, and KL and top-1 agreement against each --against model."""
-    from .check import check_command
+    import json
+
+    from .check import check_models, format_report, read_prompts
     from .resolve import model_folder
 
     _imports_done()
+    torch_dtype = _flag("--dtype", _parse_dtype, dtype)
+    device = _flag("--device", _parse_device, device)
+    prompt_list = read_prompts(prompts) if prompts is not None else None
 
-    def local(ref: str) -> str:  # a Hub repo id is downloaded (only what a model needs)
-        return str(model_folder(ref, Path.cwd(), progress=not quiet))
+    def local(ref: str) -> Path:  # a Hub repo id is downloaded (only what a model needs)
+        return model_folder(ref, Path.cwd(), progress=not quiet)
 
-    check_command(local(model), [local(a) for a in against or []], dtype, json_out, prompts,
-                  quiet, max_new_tokens=max_new_tokens)
+    with _bars(quiet) as bars:
+        report = check_models(local(model), [local(a) for a in against or []], dtype=torch_dtype,
+                              prompts=prompt_list, max_new_tokens=max_new_tokens,
+                              progress=bars, device=device)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_report(report))
+
+
+@app.command()
+def front(
+    models: Annotated[list[str], typer.Argument(
+        metavar="MODEL ...", help="The models to place on the front (folders or Hub repos).")],
+    init: Annotated[str, typer.Option("--init", help="θ_init: the KL = 0 point.")],
+    prompts: Annotated[Path, typer.Option(
+        "--prompts", help="JSON Lines (or a JSON/YAML list) of records with a 'prompt'.")],
+    reward_model: Annotated[str | None, typer.Option(
+        "--reward-model", help="A Gemma 2 reward model (folder or Hub repo).")] = None,
+    reward: Annotated[str | None, typer.Option(
+        "--reward", help="A reward function, package.module:function (TRL's form).")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1,
+                                         help="Completions per prompt.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")] = "float32",
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+    = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write the KL-reward plot here.")]
+    = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+) -> None:
+    """KL from the init and mean reward of each MODEL, on sampled completions: the WARP front."""
+    import json
+
+    from .kl_reward import format_front
+    from .kl_reward import front as run_front
+    from .resolve import model_folder
+
+    _imports_done()
+    torch_dtype = _flag("--dtype", _parse_dtype, dtype)
+    device = _flag("--device", _parse_device, device)
+    if reward_model is not None and reward is not None:
+        raise _usage("give --reward-model or --reward, not both")
+
+    def local(ref: str) -> Path:
+        return model_folder(ref, Path.cwd(), progress=not quiet)
+
+    with _bars(quiet) as bars:
+        report = run_front([local(m) for m in models], init=local(init), prompts=prompts,
+                           reward_model=local(reward_model) if reward_model else None,
+                           reward=reward, samples=samples, max_new_tokens=max_new_tokens,
+                           seed=seed, device=device, dtype=torch_dtype, progress=bars)
+    if plot is not None:
+        from .plots import plot_front
+
+        plot_front(report.to_dict(), plot)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_front(report))
+        if plot is not None:
+            typer.echo(f"Plot: {plot}")
+
+
+def _parse_dtype(name: str) -> object:
+    from .check import parse_dtype
+
+    return parse_dtype(name)
+
+
+def _parse_device(name: str) -> str:
+    from .check import parse_device
+
+    return parse_device(name)
+
+
+def _flag(flag: str, parse: Callable[[str], T], value: str) -> T:
+    """A library parser's ConfigError, reworded to name the command-line flag."""
+    from .errors import ConfigError
+
+    try:
+        return parse(value)
+    except ConfigError as exc:
+        raise ConfigError(f"{flag}: {exc}") from None
+
+
+def _usage(message: str) -> Exception:
+    from .errors import ConfigError
+
+    return ConfigError(message)
+
+
+@contextmanager
+def _bars(quiet: bool) -> Iterator[Any]:
+    """Progress bars on stderr for a library call (None when quiet), closed afterwards."""
+    from .progress import Bars
+
+    bars = None if quiet else Bars()
+    try:
+        yield bars
+    finally:
+        if bars is not None:
+            bars.close()
 
 
 @app.command()

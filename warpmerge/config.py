@@ -200,6 +200,33 @@ class Check(_Strict):
     max_new_tokens: int = Field(default=32, ge=1, le=4096)
 
 
+class Front(_Strict):
+    """The WARP front after the merge: every η output, the init and each run, on the
+    KL–reward plane (see warpmerge.front)."""
+
+    prompts: str
+    reward_model: str | None = None
+    reward: str | None = None
+    samples: int = Field(default=4, ge=1)
+    max_new_tokens: int = Field(default=128, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", v):
+            raise ValueError("device must be cpu, cuda, cuda:N or mps")
+        return v
+
+    @model_validator(mode="after")
+    def _one_reward(self) -> Front:
+        if self.reward_model is not None and self.reward is not None:
+            raise PydanticCustomError("two_rewards", "give reward_model or reward, not both", {})
+        return self
+
+
 class WarpConfig(_Strict):
     """A whole merge. Build it from YAML with `load_config`, or directly from Python.
 
@@ -214,6 +241,7 @@ class WarpConfig(_Strict):
     liti: Liti = Field(default_factory=Liti)
     output: Output = Field(default_factory=Output)
     check: Check | None = None
+    front: Front | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 

@@ -43,26 +43,9 @@ DEMO_CONFIG = {
 
 def gemma2_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a Gemma 2 checkpoint (lm_head tied, absent)."""
-    H, F, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg["vocab_size"], H)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (nh * d, H),
-            p + "self_attn.k_proj.weight": (nkv * d, H),
-            p + "self_attn.v_proj.weight": (nkv * d, H),
-            p + "self_attn.o_proj.weight": (H, nh * d),
-            p + "mlp.gate_proj.weight": (F, H),
-            p + "mlp.up_proj.weight": (F, H),
-            p + "mlp.down_proj.weight": (H, F),
-            p + "input_layernorm.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "pre_feedforward_layernorm.weight": (H,),
-            p + "post_feedforward_layernorm.weight": (H,),
-        })
-    shapes["model.norm.weight"] = (H,)
-    return shapes
+    from .gemma2 import Gemma2Config, checkpoint_shapes
+
+    return checkpoint_shapes(Gemma2Config.from_dict(cfg))
 
 
 def save_model(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> None:
@@ -73,8 +56,13 @@ def save_model(folder: Path, tensors: dict[str, torch.Tensor], cfg: dict) -> Non
 
 
 def build_setup(root: Path, runs: int = 2, checkpoints: int = 3, seed: int = 0,
-                dtype: torch.dtype = torch.bfloat16, cfg: dict | None = None) -> Path:
-    """Write init + runs under `root` and a warp.yaml merging them; returns the config path."""
+                dtype: torch.dtype = torch.bfloat16, cfg: dict | None = None,
+                front: bool = False) -> Path:
+    """Write init + runs under `root` and a warp.yaml merging them; returns the config path.
+
+    With `front`, the setup also has a tokenizer, prompts and a reward the runs were
+    (synthetically) trained for, and the config a `front:` section and more η values.
+    """
     cfg = dict(cfg or DEMO_CONFIG)
     g = torch.Generator().manual_seed(seed)
     init = {}
@@ -83,11 +71,13 @@ def build_setup(root: Path, runs: int = 2, checkpoints: int = 3, seed: int = 0,
         init[name] = torch.randn(shape, generator=g) * scale
     save_model(root / "init", {k: v.to(dtype) for k, v in init.items()}, cfg)
     common = {k: torch.randn(v.shape, generator=g) for k, v in init.items()}
+    towards_reward = _reward_direction(root, cfg) if front else {}
     for r in range(runs):
         current = dict(init)
         for t in range(checkpoints):
             current = {
                 k: v + 0.02 * v.abs().mean() * (torch.randn(v.shape, generator=g) + 0.3 * common[k])
+                + towards_reward.get(k, 0.0)
                 for k, v in current.items()
             }
             step = (t + 1) * 100
@@ -100,12 +90,76 @@ def build_setup(root: Path, runs: int = 2, checkpoints: int = 3, seed: int = 0,
                   for r in range(runs))
         + "ema:\n  mu: 0.01\n  every: 100\n"
         "slerp:\n  granularity: layer\n"
-        "liti:\n  eta: [0.3, 1.0]\n"
-        "output:\n  path: merged\n  shard_size: 1MB\n"
+        + ("liti:\n  eta: [0.1, 0.3, 0.6, 1.0]\n" if front else "liti:\n  eta: [0.3, 1.0]\n")
+        + "output:\n  path: merged\n  shard_size: 1MB\n"
+        + ("front:\n  prompts: prompts.jsonl\n  reward: warpmerge.demo:keyword_reward\n"
+           "  samples: 4\n  max_new_tokens: 16\n" if front else "")
     )
     path = root / "warp.yaml"
     path.write_text(yaml_text)
     return path
+
+
+REWARDED = [f"w{i}" for i in range(0, 40, 4)]  # the words the demo's runs learn to say
+DEMO_PROMPTS = 8
+
+
+def keyword_reward(prompts: list, completions: list[str], keywords: list[list[str]],
+                   **kwargs: object) -> list[float]:
+    """The demo's reward, in TRL's form: the share of completion words among the record's
+    `keywords`."""
+    out = []
+    for completion, words in zip(completions, keywords, strict=True):
+        said = completion.split()
+        out.append(sum(w in words for w in said) / len(said) if said else 0.0)
+    return out
+
+
+def _reward_direction(root: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """A step per checkpoint that raises the logits of the rewarded words.
+
+    The logit of token t is h·E[t] (tied head): moving E[t] along the mean final hidden state
+    h̄ of the init raises it on average. h̄ is read from the init on random sequences. Also
+    writes the tokenizer and the prompts file the front needs.
+    """
+    import json as _json
+
+    from .gemma2 import Gemma2
+
+    vocab = cfg["vocab_size"]
+    write_word_tokenizer(root / "init", vocab)
+    model = Gemma2.from_pretrained(root / "init")
+    seen: list[torch.Tensor] = []
+    hook = model.model.norm.register_forward_hook(lambda m, i, out: seen.append(out))
+    ids = torch.randint(4, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        model(ids)
+    hook.remove()
+    direction = seen[0].float().mean(dim=(0, 1))
+    direction = direction / direction.norm()
+    embed = torch.zeros(vocab, cfg["hidden_size"])
+    rewarded = [int(w[1:]) + 4 for w in REWARDED]  # "w<i>" has id i + 4 (see the tokenizer)
+    embed[rewarded] = 1.0 * direction
+    g = torch.Generator().manual_seed(2)
+    with (root / "prompts.jsonl").open("w") as f:
+        for _ in range(DEMO_PROMPTS):
+            words = [f"w{int(i)}" for i in torch.randint(0, 300, (6,), generator=g)]
+            f.write(_json.dumps({"prompt": " ".join(words), "keywords": REWARDED}) + "\n")
+    return {"model.embed_tokens.weight": embed}
+
+
+def write_word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer: Gemma's special tokens at their ids, "w<i>" at id i + 4 else."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    specials = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 106: "<start_of_turn>",
+                107: "<end_of_turn>"}
+    vocab = {specials.get(i, f"w{i - 4}"): i for i in range(vocab_size)}
+    vocab.update({"user": 4 + 900, "model": 4 + 901} if vocab_size > 905 else {})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials.values()])
+    tok.save(str(folder / "tokenizer.json"))
 
 
 def run_demo(out: Path | None = None, quiet: bool = False) -> Path:
@@ -114,11 +168,16 @@ def run_demo(out: Path | None = None, quiet: bool = False) -> Path:
 
     root = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="warpmerge-demo-"))
     root.mkdir(parents=True, exist_ok=True)
-    config_path = build_setup(root)
+    # The demo's model is tiny: its matrix products are too small to split across threads,
+    # and on a busy machine the threads' hand-offs cost far more than the work (7 min against
+    # 1 min for the whole demo on 2 cores shared with other jobs).
+    torch.set_num_threads(1)
+    config_path = build_setup(root, front=True)
     print(f"Demo setup in {root}: a random Gemma 2 init, runs run-a and run-b of 3 checkpoints.")
-    result = run(config_path, force=True, quiet=quiet)
+    front_lines: list[str] = []
+    result = run(config_path, force=True, quiet=quiet, echo=front_lines.append)
     print(f"Merged in {result.seconds:.2f} s (EMA mu=0.01 every 100 steps, layer SLERP, "
-          f"eta 0.3 and 1.0):")
+          f"eta 0.1, 0.3, 0.6 and 1.0):")
     for g in result.groups[:3] + result.groups[-1:]:
         cos = g.chain[0].cos_omega if g.chain else None
         cos_text = f"{cos:+.3f}" if cos is not None else "  n/a"
@@ -128,7 +187,10 @@ def run_demo(out: Path | None = None, quiet: bool = False) -> Path:
         print(f"  ... {len(result.groups)} groups in all")
     for path in result.outputs:
         print(f"  wrote {path}")
-    _demo_check(root, result.outputs, quiet)
+    _demo_check(root, result.outputs[1::2], quiet)
+    print("\n" + "\n".join(line for line in front_lines if not line.startswith("loading")))
+    print(f"\nThe front: {root / 'merged' / 'front.png'} (and front.json: every sample); "
+          f"per-layer angles: {result.outputs[0] / 'angles.png'}")
     return root
 
 
@@ -140,6 +202,6 @@ def _demo_check(root: Path, outputs: list[Path], quiet: bool) -> None:
         return
     against = [root / "init", root / "run-a" / "step-300", root / "run-b" / "step-300"]
     for path in outputs:
-        report = check_models(path, against, progress=not quiet)
+        report = check_models(path, against)
         print(f"\nCheck of {path.name}:")
         print(format_report(report))

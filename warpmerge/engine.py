@@ -31,6 +31,7 @@ from .kernel import GroupState
 from .metadata import build_provenance, write_model_files, write_provenance
 from .ops import ChainStep, chain_coefficients
 from .planner import Group, Plan
+from .plots import angles_png
 from .probes import probe_machine
 from .progress import Counter, Progress, silent
 from .stream import Streamer
@@ -174,10 +175,20 @@ def _check_free_space(plan: Plan) -> None:
                            f"({format_bytes(need.missing)} missing)")
 
 
+@dataclass(frozen=True)
+class Staged:
+    """The finished outputs, weights and model files written, still in their staging folders."""
+
+    root: Path  # the staging folder of output.path
+    eta_dirs: list[Path]  # one per η (the root itself for a single η)
+    final_dirs: list[Path]  # the names they will take
+    ema_dirs: list[Path]  # each run's EMA, with ema.save
+
+
 # Figures about the finished outputs (the check, the front) to record in each η output's
-# warpmerge.json and card: called with the staged folders and their final paths, before the
-# provenance is written and the folders take their final names.
-Annotate = Callable[[list[Path], list[Path]], list[dict[str, Any]]]
+# warpmerge.json and card: called before the provenance is written and the folders take their
+# final names.
+Annotate = Callable[[Staged], list[dict[str, Any]]]
 
 
 def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
@@ -224,12 +235,13 @@ def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
         for d in outs.eta_dirs + outs.ema_dirs:
             write_model_files(plan, d)
         provenance = build_provenance(plan, [g.to_dict(plan.run_names) for g in results])
-        extras = (annotate(outs.eta_dirs, list(plan.output_dirs)) if annotate
-                  else [{} for _ in plan.etas])
+        staged = Staged(roots[0], outs.eta_dirs, list(plan.output_dirs), outs.ema_dirs)
+        extras = annotate(staged) if annotate else [{} for _ in plan.etas]
+        angles = angles_png(provenance["groups"], list(plan.run_names))
         for d, eta, extra in zip(outs.eta_dirs, plan.etas, extras, strict=True):
-            write_provenance(plan, d, {**provenance, "eta": eta, **extra})
+            write_provenance(plan, d, {**provenance, "eta": eta, **extra}, angles)
         for d, name in zip(outs.ema_dirs, plan.run_names if outs.ema_dirs else [], strict=True):
-            write_provenance(plan, d, {**provenance, "eta": None, "ema_of_run": name})
+            write_provenance(plan, d, {**provenance, "eta": None, "ema_of_run": name}, angles)
         (roots[0] / JOURNAL).unlink()
         for st in stagings:
             st.commit()

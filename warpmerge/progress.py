@@ -13,7 +13,8 @@ from typing import Any, Protocol
 
 class Progress(Protocol):
     def __call__(self, task: str, done: int, total: int, unit: str = "") -> None:
-        """`done` of `total` units of `task` are finished ("B": bytes)."""
+        """`done` of `total` units of `task` are finished ("B": bytes). A task with a total
+        of 0 is a step without a count (loading a model): shown as a line."""
 
 
 def silent(task: str, done: int, total: int, unit: str = "") -> None:
@@ -41,6 +42,9 @@ class Bars:
         self._bars: dict[str, Any] = {}
 
     def __call__(self, task: str, done: int, total: int, unit: str = "") -> None:
+        if total == 0:
+            self.echo(task)
+            return
         bar = self._bars.get(task)
         if bar is None:
             from tqdm import tqdm

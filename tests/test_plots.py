@@ -1,0 +1,72 @@
+"""The figures: what each plot draws (returned with it) and that the PNG decodes at its size."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from warpmerge.plots import layer_values, plot_angles, plot_front
+
+
+def gram(a: float, b: float, ab: float) -> list[list[float]]:
+    return [[a, ab], [ab, b]]
+
+
+def test_angles_per_layer_from_the_gram_matrices(tmp_path: Path) -> None:
+    groups = [
+        {"name": "model.embed_tokens.weight", "gram": gram(4.0, 9.0, 3.0)},
+        {"name": "model.layers.10", "gram": gram(1.0, 1.0, 0.0)},
+        {"name": "model.layers.2", "gram": gram(4.0, 1.0, -1.0)},
+        {"name": "model.norm.weight", "gram": gram(1.0, 4.0, 2.0)},
+    ]
+    plot = plot_angles(groups, ["run-a", "run-b"], tmp_path / "angles.png")
+    assert plot is not None
+    assert plot.positions == ["2", "10", "embed_tokens", "norm"]  # layers by index, then others
+    assert plot.cos == {"run-a / run-b": pytest.approx([-0.5, 0.0, 0.5, 1.0])}
+    assert plot.norms == {"run-a": pytest.approx([2.0, 1.0, 2.0, 1.0]),
+                          "run-b": pytest.approx([1.0, 1.0, 3.0, 2.0])}
+    image = imread(tmp_path / "angles.png")
+    assert image.shape[:2] == (plot.size[1], plot.size[0]) == (540, 720)
+
+
+def test_tensor_groups_of_a_layer_are_summed_exactly() -> None:
+    """A layer's angle from its tensors' Gram matrices: the sum, not a mean of cosines."""
+    groups = [
+        {"name": "model.layers.0.mlp.up_proj.weight", "gram": gram(1.0, 1.0, 1.0)},
+        {"name": "model.layers.0.self_attn.q_proj.weight", "gram": gram(3.0, 3.0, -3.0)},
+        {"name": "model.layers.1.mlp.up_proj.weight", "gram": gram(2.0, 8.0, 0.0)},
+    ]
+    plot = layer_values(groups, ["a", "b"])
+    assert plot is not None and plot.positions == ["0", "1"]
+    assert plot.cos["a / b"] == pytest.approx([-2.0 / 4.0, 0.0])
+    assert plot.norms["b"] == pytest.approx([2.0, math.sqrt(8.0)])
+
+
+def test_one_run_has_no_angles(tmp_path: Path) -> None:
+    groups = [{"name": "model", "gram": None, "chain": [], "coefficients": [1.0]}]
+    assert plot_angles(groups, ["solo"], tmp_path / "angles.png") is None
+    assert not (tmp_path / "angles.png").exists()
+
+
+def test_three_runs_give_three_pairs(tmp_path: Path) -> None:
+    g = [[1.0, 0.0, 0.5], [0.0, 1.0, 0.0], [0.5, 0.0, 1.0]]
+    plot = plot_angles([{"name": "model", "gram": g}], ["a", "b", "c"], tmp_path / "x.png")
+    assert plot is not None and plot.positions == ["model"]
+    assert plot.cos == {"a / b": [0.0], "a / c": [0.5], "b / c": [0.0]}
+
+
+def test_front_plot_labels_every_point(tmp_path: Path) -> None:
+    def model(name: str, eta: float | None, kl: float, reward: float) -> dict:
+        return {"name": name, "eta": eta, "kl": {"mean": kl, "stderr": 0.1, "per_token": 0.0},
+                "reward": {"mean": reward, "stderr": 0.05}, "samples": []}
+
+    data = {"reward": "rm", "models": [model("init", None, 0.0, 0.1), model("eta-0.3", 0.3, 1, 0.4),
+                                       model("eta-1", 1.0, 4, 0.6), model("run-a", None, 6, 0.7)]}
+    plot = plot_front(data, tmp_path / "front.png")
+    assert plot.labels == ["init", "η=0.3", "η=1", "run-a"]
+    assert plot.kl == [0.0, 1.0, 4.0, 6.0] and plot.reward == [0.1, 0.4, 0.6, 0.7]
+    image = imread(tmp_path / "front.png")
+    assert image.shape[:2] == (plot.size[1], plot.size[0]) == (480, 640)
