@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from matplotlib.image import imread
 
-from warpmerge.plots import layer_values, plot_angles, plot_front
+from warpmerge.plots import AnglesPainter, angles_png, layer_values, plot_angles, plot_front
 
 
 def gram(a: float, b: float, ab: float) -> list[list[float]]:
@@ -70,3 +70,22 @@ def test_front_plot_labels_every_point(tmp_path: Path) -> None:
     assert plot.kl == [0.0, 1.0, 4.0, 6.0] and plot.reward == [0.1, 0.4, 0.6, 0.7]
     image = imread(tmp_path / "front.png")
     assert image.shape[:2] == (plot.size[1], plot.size[0]) == (480, 640)
+
+
+def test_the_painter_child_draws_what_is_drawn_here() -> None:
+    """angles.png from the child process that imported matplotlib during the merge is the same
+    PNG, byte for byte, as the one drawn in this process."""
+    groups = [{"name": f"model.layers.{i}", "gram": gram(1.0 + i, 2.0, 0.3 * i)} for i in range(3)]
+    painter = AnglesPainter()
+    painter.request(groups, ["a", "b"])
+    png = painter.result()
+    assert png == angles_png(groups, ["a", "b"])
+    assert png.startswith(b"\x89PNG")
+
+
+def test_the_painter_falls_back_when_its_child_is_gone() -> None:
+    groups = [{"name": "model.layers.0", "gram": gram(1.0, 2.0, 0.5)}]
+    painter = AnglesPainter()
+    painter.close()  # killed before the request: the figure is drawn here
+    painter.request(groups, ["a", "b"])
+    assert painter.result() == angles_png(groups, ["a", "b"])

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import WarpConfig, format_eta, load_config
-from .engine import RunResult, Staged, execute
-from .planner import Plan, plan_merge
-from .probes import probe_machine
+from .plots import AnglesPainter
 from .progress import Bars, Progress, silent
-from .resolve import resolve_inputs
+
+if TYPE_CHECKING:  # imported where used: torch comes with them, after the painter has started
+    from .engine import RunResult, Staged
+    from .planner import Plan
 
 Echo = Callable[[str], None]
 
@@ -38,6 +39,10 @@ def plan(
     With `dry_run` (the default) Hub weights are not downloaded: their headers are read over
     the network. `print(plan)` is the dry-run text.
     """
+    from .planner import plan_merge
+    from .probes import probe_machine
+    from .resolve import resolve_inputs
+
     cfg = config if isinstance(config, WarpConfig) else load_config(config)
     if cfg.front is not None:
         _validate_front(cfg)
@@ -80,11 +85,28 @@ def run(
     """
     if progress is None:
         progress = silent if quiet else Bars()
-    merge = plan(config, out=out, force=force, threads=threads, quiet=quiet, chunk=chunk,
+    cfg = config if isinstance(config, WarpConfig) else load_config(config)
+    painter = AnglesPainter() if len(cfg.runs) > 1 else None  # matplotlib, meanwhile
+    try:
+        return _run(cfg, painter, out=out, force=force, threads=threads, quiet=quiet,
+                    chunk=chunk, max_memory=max_memory, allow_nonfinite=allow_nonfinite,
+                    resume=resume, echo=echo, progress=progress)
+    finally:
+        if painter is not None:
+            painter.close()
+
+
+def _run(cfg: WarpConfig, painter: AnglesPainter | None, *, out: str | Path | None,
+         force: bool, threads: int | None, quiet: bool, chunk: int | None,
+         max_memory: int | None, allow_nonfinite: bool, resume: bool, echo: Echo,
+         progress: Progress) -> RunResult:
+    from .engine import execute
+
+    merge = plan(cfg, out=out, force=force, threads=threads, quiet=quiet, chunk=chunk,
                  max_memory=max_memory, allow_nonfinite=allow_nonfinite, dry_run=False)
     for warning in merge.warnings:
         echo(f"warning: {warning}")
-    if merge.config.front is not None:
+    if merge.config.front is not None:  # front.png is drawn here
         _import_plotting_meanwhile()
 
     def annotate(staged: Staged) -> list[dict[str, Any]]:
@@ -99,7 +121,8 @@ def run(
                 extra["front"] = front
         return extras
 
-    result = execute(merge, progress=progress, resume=resume, annotate=annotate)
+    result = execute(merge, progress=progress, resume=resume, annotate=annotate,
+                     painter=painter)
     if merge.config.output.push_to_hub is not None:
         _push_outputs(merge, result, quiet, echo)
     return result

@@ -31,7 +31,7 @@ from .kernel import GroupState
 from .metadata import build_provenance, write_model_files, write_provenance
 from .ops import ChainStep, chain_coefficients
 from .planner import Group, Plan
-from .plots import angles_png
+from .plots import AnglesPainter, angles_png
 from .probes import probe_machine
 from .progress import Counter, Progress, silent
 from .stream import Streamer
@@ -192,12 +192,14 @@ Annotate = Callable[[Staged], list[dict[str, Any]]]
 
 
 def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
-            annotate: Annotate | None = None) -> RunResult:
+            annotate: Annotate | None = None, painter: AnglesPainter | None = None) -> RunResult:
     """Stream the merge into staging folders and rename them into place when complete.
 
     With `resume`, a staging folder left by a killed run of the same merge is continued:
     its journal's shards are verified and kept, and finished groups are not recomputed.
-    The provenance and card are written once, last, with what `annotate` adds.
+    The provenance and card are written once, last, with what `annotate` adds. The angles
+    figure is drawn by `painter` (in its own process, while the outputs are flushed to disk),
+    else here.
     """
     t0 = time.perf_counter()
     _check_free_space(plan)
@@ -235,14 +237,24 @@ def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
         for d in outs.eta_dirs + outs.ema_dirs:
             write_model_files(plan, d)
         provenance = build_provenance(plan, [g.to_dict(plan.run_names) for g in results])
+        groups, names = provenance["groups"], list(plan.run_names)
+        if painter is not None and plan.needs_gram:
+            painter.request(groups, names)
         staged = Staged(roots[0], outs.eta_dirs, list(plan.output_dirs), outs.ema_dirs)
         extras = annotate(staged) if annotate else [{} for _ in plan.etas]
-        angles = angles_png(provenance["groups"], list(plan.run_names))
+        if plan.needs_gram:  # angles between runs: one figure for every output
+            provenance["plots"] = {"angles": "angles.png"}
         for d, eta, extra in zip(outs.eta_dirs, plan.etas, extras, strict=True):
-            write_provenance(plan, d, {**provenance, "eta": eta, **extra}, angles)
+            write_provenance(plan, d, {**provenance, "eta": eta, **extra})
         for d, name in zip(outs.ema_dirs, plan.run_names if outs.ema_dirs else [], strict=True):
-            write_provenance(plan, d, {**provenance, "eta": None, "ema_of_run": name}, angles)
+            write_provenance(plan, d, {**provenance, "eta": None, "ema_of_run": name})
         (roots[0] / JOURNAL).unlink()
+        if plan.needs_gram:
+            for st in stagings:
+                st.sync()  # the bulk of the bytes, while the figure is drawn
+            angles = painter.result() if painter is not None else angles_png(groups, names)
+            for d in outs.eta_dirs + outs.ema_dirs:
+                (d / "angles.png").write_bytes(angles)
         for st in stagings:
             st.commit()
     except BaseException as exc:

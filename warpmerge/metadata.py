@@ -76,14 +76,9 @@ def write_model_files(plan: Plan, folder: Path) -> None:
                 shutil.copyfile(src / name, folder / name)
 
 
-def write_provenance(plan: Plan, folder: Path, provenance: dict[str, Any],
-                     angles: bytes | None = None) -> None:
-    """warpmerge.json and the README.md card made from it, with the angles figure beside them
-    (drawn once per merge: see warpmerge.plots)."""
+def write_provenance(plan: Plan, folder: Path, provenance: dict[str, Any]) -> None:
+    """warpmerge.json and the README.md card made from it."""
     from .card import render_card
 
-    if angles is not None:
-        (folder / "angles.png").write_bytes(angles)
-        provenance = {**provenance, "plots": {"angles": "angles.png"}}
     (folder / "warpmerge.json").write_text(json.dumps(provenance, indent=2) + "\n")
     (folder / "README.md").write_text(render_card(provenance, license=plan.license))

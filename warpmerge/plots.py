@@ -7,9 +7,13 @@ data it drew, which is what tests and the card rely on.
 
 from __future__ import annotations
 
-import functools
+import io
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,7 +123,7 @@ def layer_values(groups: list[dict[str, Any]], run_names: list[str]) -> AnglesPl
 
 
 def plot_angles(groups: list[dict[str, Any]], run_names: list[str],
-                path: str | Path) -> AnglesPlot | None:
+                path: str | Path | io.BytesIO) -> AnglesPlot | None:
     """cos Ω between the runs' task vectors, and each task vector's norm, per layer.
 
     The paper's per-layer angle figure. Writes nothing and returns None for a single run.
@@ -164,22 +168,59 @@ def plot_angles(groups: list[dict[str, Any]], run_names: list[str],
 
 
 def angles_png(groups: list[dict[str, Any]], run_names: list[str]) -> bytes | None:
-    """plot_angles' PNG as bytes, drawn once for the outputs of one merge (they share groups)."""
-    import json
+    """plot_angles' PNG as bytes (None with a single run), drawn once per merge."""
+    buffer = io.BytesIO()
+    if plot_angles(groups, run_names, buffer) is None:
+        return None
+    return buffer.getvalue()
 
-    return _angles_png(json.dumps(groups), tuple(run_names))
+
+class AnglesPainter:
+    """Draws angles.png in a child process that imports matplotlib while the merge runs.
+
+    Importing matplotlib takes about 0.5 s, as long as a sixth of a small merge. Started with
+    the merge, on another core, the child is ready by the time the angles are known, and the
+    figure costs only its drawing. Should the child fail, the figure is drawn here instead.
+    """
+
+    def __init__(self) -> None:
+        self._request: tuple[list[dict[str, Any]], list[str]] = ([], [])
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "warpmerge.plots"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def request(self, groups: list[dict[str, Any]], run_names: list[str]) -> None:
+        """Ask for the figure of these groups; `result` collects it."""
+        self._request = (groups, run_names)
+        try:
+            self._proc.stdin.write(json.dumps({"groups": groups, "runs": run_names}).encode())
+            self._proc.stdin.close()
+        except OSError:  # the child died: result() draws here
+            pass
+
+    def result(self) -> bytes | None:
+        try:
+            png = self._proc.stdout.read()
+        except OSError:
+            png = b""
+        self.close()
+        if not png:
+            return angles_png(*self._request)
+        return png
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
 
 
-@functools.lru_cache(maxsize=1)
-def _angles_png(groups_json: str, run_names: tuple[str, ...]) -> bytes | None:
-    import json
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="warpmerge-plot-") as tmp:
-        path = Path(tmp) / "angles.png"
-        if plot_angles(json.loads(groups_json), list(run_names), path) is None:
-            return None
-        return path.read_bytes()
+def _paint_on_request() -> None:
+    """The child of AnglesPainter: import first, then draw what stdin asks for."""
+    import_matplotlib()
+    request = json.loads(sys.stdin.buffer.read())
+    sys.stdout.buffer.write(angles_png(request["groups"], request["runs"]) or b"")
+    sys.stdout.buffer.flush()
+    os._exit(0)  # the parent is waiting: skip tearing matplotlib down
 
 
 def _cos(gram: list[list[float]], i: int, j: int) -> float:
@@ -191,3 +232,7 @@ def _short(name: str) -> str:
     """'model.embed_tokens.weight' -> 'embed_tokens', 'model.norm' -> 'norm', 'model' stays."""
     parts = [p for p in name.split(".") if p not in ("model", "weight")]
     return ".".join(parts) or name
+
+
+if __name__ == "__main__":
+    _paint_on_request()

@@ -146,6 +146,10 @@ class Staging:
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path
 
+    def sync(self) -> None:
+        """Flush every file and folder written so far (commit flushes again what came since)."""
+        _sync_tree(self.path)
+
     def commit(self) -> None:
         """Swap the finished folder in; an existing target (with --force) is replaced.
 
