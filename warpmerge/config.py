@@ -31,6 +31,13 @@ from .units import parse_size
 GLOB_CHARS = re.compile(r"[*?\[]")
 HF_PREFIX = "hf://"  # huggingface_hub's file-system paths
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+def repo_id(value: str, message: str) -> str:
+    """A Hub repo id's shape, checked before any request is made."""
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+        raise ValueError(message)
+    return value
+
+
 def natural_key(text: str) -> list[Any]:
     """Sort key that puts step-2 before step-10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
@@ -71,12 +78,8 @@ class HubHistory(_Strict):
     match: str = "Training in progress*"  # the title TRL gives every push
     revision: str | None = None
 
-    @field_validator("hub_history")
-    @classmethod
-    def _repo_shape(cls, v: str) -> str:
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
-            raise ValueError("hub_history must be a repo id like 'org/name'")
-        return v
+    _repo_shape = field_validator("hub_history")(
+        lambda v: repo_id(v, "hub_history must be a repo id like 'org/name'"))
 
 
 CheckpointSpec = str | HubHistory  # one entry of `checkpoints`, before any listing
@@ -172,12 +175,8 @@ class PushToHub(_Strict):
     private: bool = False
     revision: str | None = None
 
-    @field_validator("repo_id")
-    @classmethod
-    def _repo_shape(cls, v: str) -> str:
-        if not re.fullmatch(r"[\w.-]+/[\w.-]+", v):
-            raise ValueError("repo_id must look like 'user/name'")
-        return v
+    _repo_shape = field_validator("repo_id")(
+        lambda v: repo_id(v, "repo_id must look like 'user/name'"))
 
 
 class Output(_Strict):
