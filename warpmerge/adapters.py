@@ -142,6 +142,29 @@ class Adapter:
         return None if edit is None else edit.delta(start, count, read_init)
 
 
+def fuse_low_rank(weighted: list[tuple[float, AdapterCheckpoint]],
+                  name: str) -> TensorEdit | None:
+    """Σ_t a_t·ΔW_t of one run's adapter checkpoints on tensor `name` as ONE low-rank product,
+    [a_1·s_1·B_1 | a_2·s_2·B_2 | …] @ [A_1; A_2; …] (the spec's low-rank insight): a single
+    matmul of rank Σ r_t per row block instead of one per checkpoint plus the sums.
+
+    None when that is not exact: a checkpoint changes the tensor other than by plain LoRA
+    (DoRA, a saved full tensor, lora_bias), the layouts differ, or no checkpoint changes it.
+    """
+    parts = [(a, c.adapter.edits.get(name)) for a, c in weighted]
+    parts = [(a, e) for a, e in parts if e is not None]
+    if not parts or any(e.low_rank is None or e.base is not None or e.magnitude is not None
+                        or e.offset is not None for _, e in parts):
+        return None
+    if len({e.low_rank.transposed for _, e in parts}) != 1:
+        return None
+    edit = parts[0][1]
+    a = torch.cat([e.low_rank.a for _, e in parts])
+    b = torch.cat([e.low_rank.b * (w * e.low_rank.scale) for w, e in parts], dim=1)
+    return TensorEdit(edit.name, edit.shape,
+                      low_rank=LowRank(a, b, 1.0, edit.low_rank.transposed))
+
+
 def read_elements(info: TensorInfo, start: int, count: int) -> torch.Tensor:
     """Elements [start, start+count) of a saved tensor, as float32 (header checks made sure the
     tensor lies inside its file)."""

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .adapters import AdapterCheckpoint
+from .adapters import AdapterCheckpoint, TensorEdit, fuse_low_rank
 from .errors import InputError
 from .modelfolder import Checkpoint, TensorInfo
 
 if TYPE_CHECKING:
     from .planner import Group, Plan
+    from .shards import OutTensor
 
 BLOCK = 1 << 16  # elements per partial sum: fixed, so no setting changes the summation order
 RAW_ITEMSIZE = 8  # bytes per element of the widest input dtype (float64)
@@ -114,6 +115,10 @@ class Kernel:
         self.check_finite = not plan.allow_nonfinite
         self.checked_in_gram = plan.needs_gram  # pass 1's inner products see every NaN
         self.out_dtypes = {t.name: t.dtype for t in plan.out_tensors}
+        # runs of adapters only: each tensor's task vector as one low-rank product
+        self.fused = _fuse(plan.runs, plan.contributions, plan.out_tensors)
+        self.fused_emas = (_fuse(plan.runs, self.ema_weights, plan.out_tensors)
+                           if self.ema_weights is not None else {})
 
     def gram(self, state: GroupState, work: Workspace, results: Results,
              c: Chunk) -> list[list[float]]:
@@ -156,7 +161,8 @@ class Kernel:
         for m, d in enumerate(deltas if self.ema_weights is not None else []):
             if self.ema_weights[m] != self.contributions[m]:  # `use: last` merges the last
                 # checkpoints, but `save` writes the EMAs
-                d = self._accumulate(c, work, self.runs[m], self.ema_weights[m], init, merged)
+                d = self._accumulate(c, work, self.runs[m], self.ema_weights[m], init, merged,
+                                     self.fused_emas.get((m, c.info.name)))
             out = results.out(len(self.etas) + m, dtype, n)
             torch.add(init, d, out=tmp)
             out.copy_(tmp)
@@ -171,8 +177,9 @@ class Kernel:
         """
         init, targets = self._places(state, work, c)
         _read(self.init, c, init, work)
-        deltas = [self._accumulate(c, work, run, coefs, init, d) for run, coefs, d
-                  in zip(self.runs, self.contributions, targets, strict=True)]
+        deltas = [self._accumulate(c, work, run, coefs, init, d, self.fused.get((m, c.info.name)))
+                  for m, (run, coefs, d)
+                  in enumerate(zip(self.runs, self.contributions, targets, strict=True))]
         return init, deltas
 
     def _places(self, state: GroupState, work: Workspace,
@@ -186,8 +193,12 @@ class Kernel:
         return views[0], views[1:]
 
     def _accumulate(self, c: Chunk, work: Workspace, run: list[Checkpoint], coefs: list[float],
-                    init: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """d = Σ_t a_t·(θ_t − θ_init) over one run's checkpoints, in place."""
+                    init: torch.Tensor, d: torch.Tensor,
+                    fused: TensorEdit | None = None) -> torch.Tensor:
+        """d = Σ_t a_t·(θ_t − θ_init) over one run's checkpoints, in place (`fused`: the same
+        sum as one low-rank product, for a run of plain LoRA adapters)."""
+        if fused is not None:
+            return d.copy_(fused.delta(c.start, c.count, _no_init))
         tmp = work.tmp[:c.count]
         first = True
         for ckpt, a in zip(run, coefs, strict=True):
@@ -229,6 +240,26 @@ class Kernel:
             if not torch.isfinite(x).all():
                 raise InputError(f"{ckpt.label}: tensor {c.info.name} contains NaN or Inf "
                                  "(use --allow-nonfinite to merge anyway)")
+
+
+def _fuse(runs: list[list[Checkpoint]], coefs: tuple[tuple[float, ...], ...],
+          tensors: tuple[OutTensor, ...]) -> dict[tuple[int, str], TensorEdit]:
+    """(run index, tensor name) -> the run's fused low-rank task vector, for the runs whose
+    contributing checkpoints are all adapters (see adapters.fuse_low_rank)."""
+    fused = {}
+    for m, (run, weights) in enumerate(zip(runs, coefs, strict=True)):
+        weighted = [(a, c) for c, a in zip(run, weights, strict=True) if a != 0.0]
+        if not weighted or not all(isinstance(c, AdapterCheckpoint) for _, c in weighted):
+            continue
+        for t in tensors:
+            edit = fuse_low_rank(weighted, t.name)
+            if edit is not None:
+                fused[(m, t.name)] = edit
+    return fused
+
+
+def _no_init(start: int, count: int) -> torch.Tensor:
+    raise AssertionError("a plain LoRA product never reads the init")
 
 
 def _read(ckpt: Checkpoint, c: Chunk, out: torch.Tensor, work: Workspace) -> None:
