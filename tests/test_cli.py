@@ -140,14 +140,14 @@ def test_demo_runs_offline(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(["demo", "--out", str(tmp_path / "demo"), "-q"], monkeypatch, capsys)
     assert code == 0, err
     assert "Merged in" in out and "cos(Omega)" in out
-    assert "run-lora of 3 PEFT LoRA adapter checkpoints (r=8, steps 100, 250, 300)" in out
+    assert "run-lora of 3 PEFT LoRA adapter checkpoints (r=8, steps 125, 250, 300)" in out
     merged = tmp_path / "demo" / "merged" / "eta-0.3"
     assert (merged / "model.safetensors.index.json").exists()
     # the LoRA run is merged with its real steps: mu_eff = 1 - 0.99^gap, from the init at step 0
     runs = {r["name"]: r for r in json.loads((merged / "warpmerge.json").read_text())["runs"]}
     assert list(runs) == ["run-a", "run-b", "run-lora"]
-    assert runs["run-lora"]["steps"] == [100, 250, 300]
-    g = [1 - 0.99 ** gap for gap in (100, 150, 50)]
+    assert runs["run-lora"]["steps"] == [125, 250, 300]
+    g = [1 - 0.99 ** gap for gap in (125, 125, 50)]
     expected = [g[0] * (1 - g[1]) * (1 - g[2]), g[1] * (1 - g[2]), g[2]]
     assert runs["run-lora"]["ema_coefficients"] == pytest.approx(expected, rel=1e-9)
     assert (tmp_path / "demo" / "emas" / "run-lora" / "model.safetensors.index.json").exists()

@@ -114,7 +114,7 @@ def build_setup(root: Path, runs: int = 2, checkpoints: int = 3, seed: int = 0,
 
 
 LORA_RUN = "run-lora"
-LORA_STEPS = (100, 250, 300)  # uneven, as a resumed run leaves them; the last is 300 as elsewhere
+LORA_STEPS = (125, 250, 300)  # save_steps=125, max_steps=300: the Trainer also saves at the end
 LORA_RANK, LORA_ALPHA = 8, 16
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                 "embed_tokens"]
