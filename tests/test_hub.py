@@ -376,6 +376,8 @@ def merged_folder(root: Path, seed: int, shards: int) -> Path:
     (folder / "README.md").write_text("---\ntags:\n- merge\n---\n# merged\n")
     (folder / "warpmerge.json").write_text(json.dumps({"eta": 0.3}))
     (folder / "tokenizer.json").write_text("{}")
+    for figure in ("angles.png", "front.png"):  # the card shows them by relative path
+        (folder / figure).write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * seed)
     return folder
 
 
