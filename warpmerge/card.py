@@ -105,7 +105,7 @@ def _body(p: dict, names: _Names) -> str:
         size = sum(int(f.get("size") or 0) for f in files)
         out.append(
             f"| {item.get('role', '')} | {item.get('run') or '–'} | `{names.of_input(item)}` | "
-            f"{f'`{commit[:12]}`' if commit else '–'} | {len(files)} ({_bytes(size)}) |"
+            f"{f'`{commit[:12]}`' if commit else '–'} | {len(files)} ({format_bytes(size)}) |"
         )
     out.append("")
 
@@ -295,12 +295,3 @@ def _num(x: Any) -> str:
     if isinstance(x, bool) or not isinstance(x, int | float):
         return str(x)
     return f"{x:.6g}"
-
-
-def _bytes(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1000:
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"

@@ -47,12 +47,7 @@ CHECK_LENGTH = 64  # ... of this many tokens, <bos> first
 CHECK_SEED = 0
 FIRST_ORDINARY_ID = 4  # ids 0-3 are <pad>, <eos>, <bos>, <unk> in the Gemma vocabulary
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+DTYPES = {**FLOAT_DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16}  # compute dtypes
 
 
 # --------------------------------------------------------------------------------------------
