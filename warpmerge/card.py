@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .units import format_bytes
+
 TAGS = ["merge", "warp", "warpmerge"]
 WARP_PAPER = "https://arxiv.org/abs/2406.16768"
 

@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from warpmerge.errors import ConfigError, InputError
-from warpmerge.gemma2 import (
+from .errors import ConfigError, InputError
+from .gemma2 import (
     Gemma2,
     Gemma2Config,
     decode,
@@ -38,6 +38,7 @@ from warpmerge.gemma2 import (
     load_tokenizer,
     stop_ids_for,
 )
+from .modelfolder import FLOAT_DTYPES
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -47,7 +48,9 @@ CHECK_LENGTH = 64  # ... of this many tokens, <bos> first
 CHECK_SEED = 0
 FIRST_ORDINARY_ID = 4  # ids 0-3 are <pad>, <eos>, <bos>, <unk> in the Gemma vocabulary
 
-DTYPES = {**FLOAT_DTYPES, "fp32": torch.float32, "bf16": torch.bfloat16}  # compute dtypes
+# the dtypes a check computes in, with their short names
+DTYPES = {"float32": FLOAT_DTYPES["float32"], "fp32": FLOAT_DTYPES["float32"],
+          "bfloat16": FLOAT_DTYPES["bfloat16"], "bf16": FLOAT_DTYPES["bfloat16"]}
 
 
 # --------------------------------------------------------------------------------------------
