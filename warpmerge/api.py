@@ -137,8 +137,12 @@ def _check_outputs(plan: Plan, staged: Staged, progress: Progress,
     check = plan.config.check
     figures = []
     for folder, final in zip(staged.eta_dirs, staged.final_dirs, strict=True):
+        def renamed(task: str, done: int, total: int, unit: str = "",
+                    folder: Path = folder, final: Path = final) -> None:
+            progress(task.replace(str(folder), str(final)), done, total, unit)
+
         report = check_models(folder, against, prompts=check.prompts,
-                              max_new_tokens=check.max_new_tokens, progress=progress)
+                              max_new_tokens=check.max_new_tokens, progress=renamed)
         report.model.path = str(final)  # the folder it is about to become, not the staging
         echo(f"Check of {final.name}:\n{format_report(report)}")
         data = report.to_dict()

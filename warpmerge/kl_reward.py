@@ -197,7 +197,7 @@ def front(
     order = [i for i in range(len(paths)) if i != init_index] + [init_index]
     with torch.inference_mode():
         for i in order:
-            tell(f"loading {paths[i]}", 0, 0)
+            tell(f"front: sampling from {labels[i]}", 0, 0)
             model = Gemma2.from_pretrained(paths[i], dtype=dtype, device=device)
             fronts[i].samples = sample_completions(
                 model, prompt_ids, tokenizer, samples, max_new_tokens, seed, stop_ids, context,
