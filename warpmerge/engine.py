@@ -127,11 +127,11 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
         total = {p: math.fsum(x for sums in partials for x in sums[k])
                  for k, p in enumerate(pairs)}
         gram = [[total[(min(i, j), max(i, j))] for j in range(M)] for i in range(M)]
-        weights = [p.weight for p in plan.config.runs]
-        coefs, steps = chain_coefficients(gram, weights, plan.config.slerp.lam, total[(M, M)])
+        weights = [run.weight for run in plan.config.runs]
+        coefs, chain = chain_coefficients(gram, weights, plan.config.slerp.lam, total[(M, M)])
         pass2 = replace(pass1, coefs=tuple(coefs))  # the cache, when kept, holds the δ_m
     else:
-        coefs, steps, gram = [1.0], [], None
+        coefs, chain, gram = [1.0], [], None
         pass2 = GroupState(coefs=(1.0,))
     results = s.outputs(pass2, chunks)
     for info in group.tensors:
@@ -152,7 +152,7 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
         raise RuntimeError("more chunk results than tensors")
     for ckpt in plan.inputs.all:  # a group computed from a file that changed meanwhile is void
         ckpt.check_unchanged()
-    return GroupResult(group.name, group.float_numel, list(coefs), steps, gram)
+    return GroupResult(group.name, group.float_numel, list(coefs), chain, gram)
 
 
 def _chunk_bytes(plan: Plan, c: Any) -> int:
