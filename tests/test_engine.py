@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_model, perturb, random_model, write_model
+from conftest import TINY, load_model, perturb, random_model, write_model
 from reference import ref_ema, ref_slerp, reference
 
 import warpmerge
 from warpmerge.config import build_config
+from warpmerge.errors import InputError
 
 # --- helpers ---------------------------------------------------------------------------------
 
@@ -212,3 +213,38 @@ def test_bit_identical_across_threads_and_chunk_sizes(tmp_path):
         digests.append(sorted((p.relative_to(out).as_posix(), p.read_bytes())
                               for p in out.rglob("*.safetensors")))
     assert digests[0] == digests[1] == digests[2]
+
+
+def test_a_nan_only_the_saved_ema_reads_is_reported(tmp_path):
+    """use: last merges the last checkpoints, but ema.save reads the older ones too: a NaN in
+    one of those must be refused, not written into the saved EMA."""
+    init, runs = make_setup(tmp_path, 2, [3, 2])
+    bad = dict(runs[0][0])
+    bad["model.norm.weight"] = bad["model.norm.weight"].clone()
+    bad["model.norm.weight"][3] = float("nan")
+    write_model(tmp_path / "run0" / "step-10", bad)
+    cfg = config_for(tmp_path, 2, ema={"mu": 0.3, "save": "emas", "use": "last"},
+                     output={"path": "out"})
+    with pytest.raises(InputError, match=r"step-10.*model.norm.weight.*NaN"):
+        warpmerge.run(cfg)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "emas").exists()
+
+
+def test_float64_models_merge_to_float64(tmp_path):
+    """Outputs default to the init's dtype; float64 needs result buffers twice as wide (an
+    embedding of a whole chunk shows it)."""
+    cfg64 = dict(TINY, vocab_size=2048)  # 2048 x 32: one 65,536-element chunk
+    init = random_model(0, cfg64)
+    write_model(tmp_path / "init", init, cfg64, dtype=torch.float64)
+    runs = []
+    for r in range(2):
+        run = [perturb(init, seed=10 + r, scale=0.02)]
+        write_model(tmp_path / f"run{r}" / "step-10", run[0], cfg64, dtype=torch.float64)
+        runs.append([{k: v.double() for k, v in m.items()} for m in run])
+    cfg = config_for(tmp_path, 2, output={"path": "out"})
+    result = warpmerge.run(cfg, chunk=1 << 16)
+    got = load_model(result.outputs[0])
+    (expected,) = reference({k: v.double() for k, v in init.items()}, runs)
+    for k, v in expected.items():
+        assert got[k].dtype == torch.float64
+        torch.testing.assert_close(got[k], v, rtol=2e-6, atol=2e-7)  # float32 arithmetic

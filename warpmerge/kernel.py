@@ -91,12 +91,13 @@ class Workspace:
 class Results:
     """One chunk's output values, one buffer per output model: they travel to the writer."""
 
-    def __init__(self, chunk: int, n_outputs: int) -> None:
-        self.outs = [torch.empty(chunk * 4, dtype=torch.uint8) for _ in range(n_outputs)]
+    def __init__(self, chunk: int, n_outputs: int, itemsize: int = 4) -> None:
+        self.outs = [torch.empty(chunk * itemsize, dtype=torch.uint8) for _ in range(n_outputs)]
 
     @staticmethod
-    def nbytes(chunk: int, n_outputs: int) -> int:
-        return chunk * 4 * n_outputs
+    def nbytes(chunk: int, n_outputs: int, itemsize: int = 4) -> int:
+        """`itemsize`: of the widest output dtype (float64 outputs of a float64 init: 8)."""
+        return chunk * itemsize * n_outputs
 
     def out(self, k: int, dtype: torch.dtype, count: int) -> torch.Tensor:
         return self.outs[k].view(dtype)[:count]
@@ -163,6 +164,8 @@ class Kernel:
                 # checkpoints, but `save` writes the EMAs
                 d = self._accumulate(c, work, self.runs[m], self.ema_weights[m], init, merged,
                                      self.fused_emas.get((m, c.info.name)))
+                if self.check_finite and not math.isfinite(d.sum().item()):
+                    self.find_nonfinite(c)  # a checkpoint the merge itself does not read
             out = results.out(len(self.etas) + m, dtype, n)
             torch.add(init, d, out=tmp)
             out.copy_(tmp)

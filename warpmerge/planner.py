@@ -113,10 +113,18 @@ class Plan:
 
     @cached_property
     def read_inputs(self) -> list[Input]:
-        """The inputs whose bytes the merge reads: checkpoints that contribute nothing are not."""
-        used = [c for run, a in zip(self.runs, self.contributions, strict=True)
-                for c, w in zip(run, a, strict=True) if w != 0.0]
+        """The inputs whose bytes the merge reads: checkpoints that contribute nothing (to the
+        merge, nor to a saved EMA) are not."""
+        saved = self.ema_weights if self.ema_root else self.contributions
+        used = [c for run, a, e in zip(self.runs, self.contributions, saved, strict=True)
+                for c, w, v in zip(run, a, e, strict=True) if w != 0.0 or v != 0.0]
         return [self.init] + used
+
+    @cached_property
+    def out_itemsize(self) -> int:
+        """Bytes per element of the widest float output (the kernel's result buffers)."""
+        return max((t.dtype.itemsize for t in self.layout.tensors if t.dtype.is_floating_point),
+                   default=4)
 
     @property
     def n_outputs(self) -> int:
@@ -139,7 +147,7 @@ class Plan:
     def workspace_bytes(self) -> int:
         """The chunk buffers: each worker's scratch, and the results of the jobs in flight."""
         workspace = Workspace.nbytes(self.chunk, len(self.runs))
-        results = Results.nbytes(self.chunk, self.n_outputs) * JOB_CHUNKS
+        results = Results.nbytes(self.chunk, self.n_outputs, self.out_itemsize) * JOB_CHUNKS
         return workspace * self.threads + results * (self.threads + 1)
 
     def cache_bytes(self, group: Group) -> int:

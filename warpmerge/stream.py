@@ -27,7 +27,8 @@ class Streamer:
         self.kernel = Kernel(plan)
         self.pool: OrderedPool[Workspace, Results] = OrderedPool(
             plan.threads, JOB_CHUNKS, lambda: Workspace(plan.chunk, len(plan.runs)),
-            lambda: Results(plan.chunk, plan.n_outputs), init_thread=_one_torch_thread)
+            lambda: Results(plan.chunk, plan.n_outputs, plan.out_itemsize),
+            init_thread=_one_torch_thread)
         self._store: torch.Tensor | None = None  # allocated once, at the largest size needed
 
     def close(self) -> None:
