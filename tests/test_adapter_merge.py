@@ -143,3 +143,17 @@ def test_an_adapter_as_init_is_refused(tmp_path):
                        output={"path": "out"})
     with pytest.raises(warpmerge.errors.InputError, match="init.*PEFT adapter"):
         warpmerge.plan(cfg.with_base_dir(tmp_path))
+
+
+@pytest.mark.parametrize("save", [None, "emas"])
+def test_check_section_with_adapter_runs(tmp_path, save):
+    """The check compares each output with the init and each run: its saved EMA, else its
+    last checkpoint, unless that is an adapter (no model to load), which is left out."""
+    runs = ["run-a", "run-c"]
+    setup_runs(tmp_path, runs)
+    ema = {"mu": 0.01, **({"save": save} if save else {})}
+    result = merge(tmp_path, runs, ema=ema, check={"max_new_tokens": 2})
+    check = json.loads((result.outputs[0] / "warpmerge.json").read_text())["check"]
+    against = [a["path"] for a in check["against"]]
+    assert against == (["init", "run-a", "run-c"] if save else ["init"])
+    assert all(a["kl"] is not None and a["kl"] >= 0 for a in check["against"])

@@ -339,6 +339,46 @@ def test_run_with_a_front_section_writes_front_json_and_png(
         assert provenance["front"]["model"]["eta"] == provenance["eta"]
 
 
+def test_a_failing_front_keeps_the_merge_for_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The front runs after the merge: when it fails (here the reward function raises), the
+    merged weights stay staged, and --resume after the fix skips straight to the front."""
+    import warpmerge
+    from warpmerge.errors import ConfigError, InputError
+
+    setup = tmp_path
+    init = random_model(0, WORDS)
+    write_model(setup / "init", init, WORDS)
+    for run in ("a", "b"):
+        write_model(setup / f"run-{run}" / "step-1", perturb(init, ord(run)), WORDS)
+    (setup / "warp.yaml").write_text(GOOD_CONFIG.replace("run-a/step-*", "run-a/step-1")
+                                     .replace("[run-b/step-1, run-b/step-2]", "[run-b/step-1]"))
+    write_tokenizer(setup / "init")
+    (setup / "prompts.jsonl").write_text(json.dumps({"prompt": "hello world"}) + "\n")
+    (setup / "rew.py").write_text("def score(prompts, completions):\n    raise ValueError\n")
+    monkeypatch.syspath_prepend(str(setup))
+    config = setup / "warp.yaml"
+    config.write_text(config.read_text() + "front:\n  prompts: prompts.jsonl\n"
+                      "  reward: rew:score\n  samples: 1\n  max_new_tokens: 2\n")
+    with pytest.raises((ConfigError, InputError), match="kept.*--resume"):
+        warpmerge.run(config)
+    staging = setup / ".out.warpmerge-partial"
+    shard = sorted((staging / "eta-0.3").glob("model*.safetensors"))[0]
+    assert shard.is_file() and not (setup / "out").exists()
+    stamp = shard.stat().st_mtime_ns
+    (setup / "rew.py").write_text("def score(prompts, completions):\n"
+                                  "    return [1.0 for _ in completions]\n")
+    import importlib
+    import sys
+    sys.modules.pop("rew", None)
+    importlib.invalidate_caches()
+    config.write_text(config.read_text().replace("samples: 1", "samples: 2"))  # front only
+    result = warpmerge.run(config, resume=True)
+    kept = result.outputs[0] / shard.name
+    assert kept.stat().st_mtime_ns == stamp  # the merge was not redone
+    assert (result.outputs[0].parent / "front.json").is_file()
+
+
 def test_warpmerge_front_is_the_function() -> None:
     """The module has another name: a submodule named front would replace the function."""
     import warpmerge

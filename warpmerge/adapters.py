@@ -171,8 +171,11 @@ def read_elements(info: TensorInfo, start: int, count: int) -> torch.Tensor:
     if count == 0:
         return torch.empty(0)
     size = info.dtype.itemsize
-    with open(info.file, "rb") as f:
-        data = os.pread(f.fileno(), count * size, info.offset + start * size)
+    try:
+        with open(info.file, "rb") as f:
+            data = os.pread(f.fileno(), count * size, info.offset + start * size)
+    except FileNotFoundError:  # training deleted the checkpoint (save_total_limit)
+        raise RunError(f"{info.file} was deleted during the merge") from None
     if len(data) != count * size:
         raise InputError(f"{info.file.parent.name}: {info.file.name}: tensor {info.name} "
                          "is truncated")

@@ -131,9 +131,14 @@ def _run(cfg: WarpConfig, painter: AnglesPainter | None, *, out: str | Path | No
 def _check_outputs(plan: Plan, staged: Staged, progress: Progress,
                    echo: Echo) -> list[dict[str, Any]]:
     """The check report of each output against the init and each run's last checkpoint."""
+    from .adapters import AdapterCheckpoint
     from .check import check_models, format_report
 
-    against = [plan.init.path] + [run[-1].path for run in plan.runs]
+    emas = staged.ema_dirs or [None] * len(plan.runs)
+    against = [plan.init.path] + [  # each run's saved EMA, else its last full checkpoint
+        ema if ema is not None else run[-1].path
+        for run, ema in zip(plan.runs, emas, strict=True)
+        if ema is not None or not isinstance(run[-1], AdapterCheckpoint)]
     check = plan.config.check
     figures = []
     for folder, final in zip(staged.eta_dirs, staged.final_dirs, strict=True):

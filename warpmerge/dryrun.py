@@ -25,11 +25,16 @@ def describe_plan(plan: Plan) -> str:
                  else "")
         lines.append(f"  {c.label}: {where} ({len(c.files)} file(s), "
                      f"{format_bytes(size)}{extra})")
-    for name, run, coefs, steps in zip(plan.run_names, plan.runs, plan.contributions,
-                                       plan.inputs.steps, strict=True):
-        lines.append(f"  {name}: EMA weights {', '.join(f'{a:.6g}' for a in coefs)}")
+    for name, run, merged, ema, steps in zip(plan.run_names, plan.runs, plan.contributions,
+                                             plan.ema_weights, plan.inputs.steps, strict=True):
+        weights = ", ".join(f"{a:.6g}" for a in ema)
+        if merged == ema:
+            lines.append(f"  {name}: EMA weights {weights}")
+        else:  # use: last
+            lines.append(f"  {name}: merges its last checkpoint (use: last); its EMA's weights "
+                         f"{weights}")
         lines += [f"    {c.label}: step {s}, EMA weight {a:.6g}"
-                  for c, s, a in zip(run, steps, coefs, strict=True)]
+                  for c, s, a in zip(run, steps, ema, strict=True)]
     g = plan.groups
     lines.append(f"Groups ({plan.config.slerp.granularity}): {len(g)} — "
                  + ", ".join(x.name for x in g[:4]) + (", ..." if len(g) > 4 else ""))

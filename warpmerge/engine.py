@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .errors import Interrupted, RunError
+from .errors import Interrupted, RunError, WarpError
 from .journal import NAME as JOURNAL
 from .journal import Journal, fingerprint
 from .kernel import GroupState
@@ -210,6 +210,7 @@ def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
     torch.set_num_threads(1)  # parallel over chunks instead: see stream.py
     streamer = Streamer(plan)
     results: list[GroupResult] = []
+    keep = False  # a failure after the merge (check, front) keeps the staging for --resume
     try:
         roots = [st.create(keep=prior is not None) for st in stagings]
         journal = prior or Journal(roots[0] / JOURNAL)
@@ -241,7 +242,12 @@ def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
         if painter is not None and plan.needs_gram:
             painter.request(groups, names)
         staged = Staged(roots[0], outs.eta_dirs, list(plan.output_dirs), outs.ema_dirs)
-        extras = annotate(staged) if annotate else [{} for _ in plan.etas]
+        try:
+            extras = annotate(staged) if annotate else [{} for _ in plan.etas]
+        except WarpError as exc:  # the merge is done: keep it for --resume
+            keep = True
+            raise type(exc)(f"{exc} (the merged weights are kept: fix this and rerun with "
+                            "--resume to skip the merge)") from None
         if plan.needs_gram:  # angles between runs: one figure for every output
             provenance["plots"] = {"angles": "angles.png"}
         for d, eta, extra in zip(outs.eta_dirs, plan.etas, extras, strict=True):
@@ -258,8 +264,9 @@ def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
         for st in stagings:
             st.commit()
     except BaseException as exc:
-        for st in stagings:
-            st.discard()
+        if not keep:
+            for st in stagings:
+                st.discard()
         if isinstance(exc, KeyboardInterrupt | Interrupted):
             raise RunError("interrupted; the partial output was removed") from None
         if isinstance(exc, OSError):

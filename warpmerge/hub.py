@@ -628,10 +628,13 @@ def read_license(model_path: Path) -> str | None:
     readme = Path(model_path) / "README.md"
     if not readme.is_file():
         return None
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):  # no metadata block (the client would say so on stderr)
+        return None
     from huggingface_hub import ModelCard
 
     try:
-        data = ModelCard(readme.read_text(encoding="utf-8"), ignore_metadata_errors=True).data
+        data = ModelCard(text, ignore_metadata_errors=True).data
     except Exception:  # a broken card just has no license we can use
         return None
     license = getattr(data, "license", None)

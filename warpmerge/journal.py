@@ -24,7 +24,8 @@ NAME = ".warpmerge-journal.jsonl"
 
 def fingerprint(plan: Plan) -> str:
     config = plan.config.to_dict()
-    config.pop("check", None)
+    config.pop("check", None)  # what runs after the merge may change between tries
+    config.pop("front", None)
     config["output"].pop("push_to_hub", None)
     config["output"]["path"] = str(plan.output_root)
     data = {

@@ -195,13 +195,13 @@ class AnglesPainter:
         try:
             self._proc.stdin.write(json.dumps({"groups": groups, "runs": run_names}).encode())
             self._proc.stdin.close()
-        except OSError:  # the child died: result() draws here
+        except (OSError, ValueError):  # the child died, or was closed: result() draws here
             pass
 
     def result(self) -> bytes | None:
         try:
             png = self._proc.stdout.read()
-        except OSError:
+        except (OSError, ValueError):
             png = b""
         self.close()
         if not png:
@@ -212,6 +212,9 @@ class AnglesPainter:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
 
 
 def _paint_on_request() -> None:
