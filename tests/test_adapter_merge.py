@@ -107,6 +107,7 @@ def test_adapter_and_full_checkpoints_mix_in_one_run(tmp_path, peft_truth):
     assert_close_to(result.outputs[0], expected)
 
 
+@pytest.mark.slow
 def test_adapter_merges_are_bit_identical_across_threads_and_chunks(tmp_path):
     runs = ["run-b", "run-c"]  # embedding adapter, modules_to_save, DoRA
     setup_runs(tmp_path, runs)

@@ -202,6 +202,7 @@ def big_setup(tmp_path: Path):
             write_model(tmp_path / f"run{r}" / f"step-{t}", cur, full, dtype=torch.bfloat16)
 
 
+@pytest.mark.slow
 def test_bit_identical_across_threads_and_chunk_sizes(tmp_path):
     """Tensors of 160,000 elements span several 65,536-element chunks."""
     big_setup(tmp_path)

@@ -496,6 +496,7 @@ def publish_setup(hub: FakeHub, folders: dict[str, Path]) -> dict[str, str]:
     return commits
 
 
+@pytest.mark.slow
 def test_merge_from_repo_ids_equals_merge_from_folders(
     hub: FakeHub, warp_setup: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -765,6 +766,7 @@ def trl_config(path: Path, init: str, b: object, c: object, out: Path, every: ob
 HISTORY_C = {"hub_history": "acme/grpo-c", "match": "Training in progress*", "revision": "main"}
 
 
+@pytest.mark.slow
 def test_trl_hub_runs_merge_bit_identical_to_local_folders(
     hub: FakeHub, trl_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

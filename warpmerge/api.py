@@ -7,6 +7,7 @@ front and pushes as the config says. Nothing here prints: lines a user should se
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +87,10 @@ def run(
     if progress is None:
         progress = silent if quiet else Bars()
     cfg = config if isinstance(config, WarpConfig) else load_config(config)
-    painter = AnglesPainter() if len(cfg.runs) > 1 else None  # matplotlib, meanwhile
+    # angles.png: matplotlib imported in a child while the merge runs, unless this process
+    # has it already (then drawing here costs only the drawing)
+    painter = (AnglesPainter() if len(cfg.runs) > 1 and "matplotlib.figure" not in sys.modules
+               else None)
     try:
         return _run(cfg, painter, out=out, force=force, threads=threads, quiet=quiet,
                     chunk=chunk, max_memory=max_memory, allow_nonfinite=allow_nonfinite,

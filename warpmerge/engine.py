@@ -256,8 +256,9 @@ def execute(plan: Plan, *, progress: Progress = silent, resume: bool = False,
             write_provenance(plan, d, {**provenance, "eta": None, "ema_of_run": name})
         (roots[0] / JOURNAL).unlink()
         if plan.needs_gram:
-            for st in stagings:
-                st.sync()  # the bulk of the bytes, while the figure is drawn
+            if painter is not None:
+                for st in stagings:
+                    st.sync()  # the bulk of the bytes, while the child draws the figure
             angles = painter.result() if painter is not None else angles_png(groups, names)
             for d in outs.eta_dirs + outs.ema_dirs:
                 (d / "angles.png").write_bytes(angles)
