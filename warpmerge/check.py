@@ -230,8 +230,7 @@ def check_token_sequences(
 
 def log_probs(model: Gemma2, ids: list[int]) -> torch.Tensor:
     """log softmax of the next-token logits at every position of one sequence, [T, V], float32."""
-    logits = model(torch.tensor([ids], device=model.device))[0]
-    return torch.log_softmax(logits.float(), dim=-1).cpu()
+    return model.log_probs(torch.tensor([ids], device=model.device))[0].cpu()
 
 
 def target_log_probs(logp: torch.Tensor, ids: list[int]) -> torch.Tensor:

@@ -278,7 +278,7 @@ def score_samples(model: Gemma2, samples: list[Sample], attribute: str) -> None:
         width = max(len(r) for r in rows)
         pad = model.config.pad_token_id
         batch = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=model.device)
-        logp = torch.log_softmax(model(batch).float(), dim=-1).cpu()
+        logp = model.log_probs(batch).cpu()
         for s, row, lp in zip(group, rows, logp, strict=True):
             if not s.completion_ids:
                 setattr(s, attribute, 0.0)
