@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import load_model, perturb, write_model
-from reference import reference
+from reference import ref_ema, reference
 from safetensors.torch import load_file
 
 import warpmerge
@@ -158,3 +158,21 @@ def test_check_section_with_adapter_runs(tmp_path, save):
     against = [a["path"] for a in check["against"]]
     assert against == (["init", "run-a", "run-c"] if save else ["init"])
     assert all(a["kl"] is not None and a["kl"] >= 0 for a in check["against"])
+
+
+def test_use_last_merges_last_adapters_and_saves_their_emas(tmp_path, peft_truth):
+    """use: last with ema.save: the merge takes each run's last checkpoint, the saved EMA
+    averages all of them (the fused low-rank products differ between the two)."""
+    runs = ["run-a", "run-b"]
+    setup_runs(tmp_path, runs)
+    result = merge(tmp_path, runs, ema={"mu": 0.004, "every": "auto", "use": "last",
+                                        "save": "emas"})
+    init = {k: v.double() for k, v in
+            load_file(str(tmp_path / "init" / "model.safetensors")).items()}
+    ckpts = [[peft_truth[f"{r}/checkpoint-{s}"] for s in STEPS[r]] for r in runs]
+    (expected,) = reference(init, ckpts, mu=0.004, use="last", steps=[STEPS[r] for r in runs])
+    assert_close_to(result.outputs[0], expected)
+    for run, ema_dir, run_ckpts in zip(runs, result.ema_outputs, ckpts, strict=True):
+        ema = {k: ref_ema(v, [c[k].double() for c in run_ckpts], 0.004, STEPS[run], "init",
+                          "ema") for k, v in init.items()}
+        assert_close_to(ema_dir, ema)

@@ -118,8 +118,11 @@ class Kernel:
         self.out_dtypes = {t.name: t.dtype for t in plan.out_tensors}
         # runs of adapters only: each tensor's task vector as one low-rank product
         self.fused = _fuse(plan.runs, plan.contributions, plan.out_tensors)
-        self.fused_emas = (_fuse(plan.runs, self.ema_weights, plan.out_tensors)
-                           if self.ema_weights is not None else {})
+        # only for the runs whose saved EMA is not what they contribute (use: last)
+        self.fused_emas = _fuse(plan.runs, tuple(
+            e if e != a else (0.0,) * len(e)
+            for e, a in zip(self.ema_weights or self.contributions, self.contributions,
+                            strict=True)), plan.out_tensors)
 
     def gram(self, state: GroupState, work: Workspace, results: Results,
              c: Chunk) -> list[list[float]]:

@@ -60,9 +60,6 @@ def resolve_inputs(config: WarpConfig, out: Path | None = None, *, force: bool =
     from .hub import checkpoint_name, expand_checkpoints, read_license
 
     init = locate(config.init, config.base_dir, "init", progress, dry_run)
-    if isinstance(init, AdapterCheckpoint):
-        raise InputError(f"init: {init.path} holds a PEFT adapter; the init must be a full "
-                         "model (the adapter's base model)")
     runs: list[list[Input]] = []
     steps: list[list[int]] = []
     for i, name in enumerate(config.run_names):
@@ -179,7 +176,8 @@ def locate(ref: str | hub.HubCheckpoint, base_dir: Path, label: str, progress: b
 def _open_adapter(folder: Path, label: str, ref: str, init: Checkpoint | None,
                   init_ref: str | None, trust_links: bool) -> AdapterCheckpoint:
     if init is None:
-        raise InputError(f"{label}: {ref} holds a PEFT adapter, not a full model")
+        raise InputError(f"{label}: {ref} holds a PEFT adapter, not a full model (the init "
+                         "must be the adapter's base model)")
     adapter = open_adapter(folder, label, init.tensors, init_ref, trust_links=trust_links)
     return AdapterCheckpoint(label, ref, folder, adapter)
 
