@@ -261,6 +261,20 @@ def start_merge(big: Path, out: Path, *args: str, **popen) -> subprocess.Popen:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, **popen)
 
 
+def act_when(proc: subprocess.Popen, cond, act, timeout: float = 120.0) -> tuple[bytes, str]:
+    """Once `cond()` holds, `act()` (a signal, a file changed under the merge), then let the
+    process finish: (stdout, stderr). Fails if the process ended first; never leaves it running."""
+    try:
+        assert wait_for(proc, cond), proc.communicate()
+        act()
+        stdout, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return stdout, err.decode()
+
+
 def staging_of(out: Path) -> Path:
     return out.parent / f".{out.name}.warpmerge-partial"
 

@@ -27,6 +27,7 @@ import pytest
 import torch
 from conftest import (
     OLD_NS,
+    act_when,
     assert_one_line_error,
     assert_same_model,
     edit_model,
@@ -483,15 +484,8 @@ def test_sigkill_leaves_nothing_or_staging_then_rerun_is_identical(
 def test_interrupt_stops_cleanly(big, big_reference, tmp_path, sig, threads):
     out = tmp_path / "out"
     proc = start_merge(big, out, "--threads", threads)
-    try:
-        assert wait_for(proc, shard_written(out, 3, n_shards(big_reference))), proc.communicate()
-        proc.send_signal(sig)
-        stdout, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    err = err.decode()
+    stdout, err = act_when(proc, shard_written(out, 3, n_shards(big_reference)),
+                           lambda: proc.send_signal(sig))
     assert proc.returncode == 1, err
     assert_one_line_error(err, "interrupted")
     assert stdout == b""

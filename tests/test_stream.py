@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, wait_for
+from conftest import act_when, assert_one_line_error, start_merge
 
 from warpmerge.pool import OrderedPool
 
@@ -168,20 +166,9 @@ def test_an_input_changed_mid_run_fails_cleanly_naming_it(changing_base, tmp_pat
     victim.unlink()
     shutil.copyfile(changing_base / "run-b" / "step-2" / "model.safetensors", victim)
     out = root / "out"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "warpmerge", "run", str(root / "warp.yaml"), "-q", "--out",
-         str(out), "--threads", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = start_merge(root, out, "--threads", "2")
     first_shard = root / ".out.warpmerge-partial" / "model-00001-of-00008.safetensors"
-    try:
-        assert wait_for(proc, first_shard.exists), proc.communicate()
-        _change(victim, how)
-        stdout, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    err = err.decode()
+    stdout, err = act_when(proc, first_shard.exists, lambda: _change(victim, how))
     assert proc.returncode == 1, err
     assert_one_line_error(err, str(victim), how)
     assert stdout == b""
