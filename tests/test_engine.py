@@ -216,6 +216,53 @@ def test_bit_identical_across_threads_and_chunk_sizes(tmp_path):
     assert digests[0] == digests[1] == digests[2]
 
 
+def test_a_group_over_the_budget_keeps_what_fits_and_reads_only_the_rest_again(
+        tmp_path, monkeypatch):
+    """The embedding (160,000 elements, 3 chunks) with room for half of it cached: pass 2
+    reads again only the chunks past the cached prefix, the plan counts exactly the bytes
+    read, and the output is bit-identical to the fully cached merge."""
+    from collections import Counter
+
+    from warpmerge.kernel import float_chunks
+    from warpmerge.modelfolder import Checkpoint
+
+    big_setup(tmp_path)
+    cfg = config_for(tmp_path, 2, output={"path": "out"}, slerp={"granularity": "tensor"})
+    chunk = 1 << 16
+    roomy = warpmerge.plan(cfg, threads=1, chunk=chunk)
+    embed = next(g for g in roomy.groups if g.name.endswith("embed_tokens.weight"))
+    per_element = 4 * 3  # θ_init and two task vectors, float32
+    budget = roomy.workspace_bytes() + per_element * (embed.cache_numel // 2)
+    tight = warpmerge.plan(cfg, threads=1, chunk=chunk, max_memory=budget)
+    kept = tight.cached_numel(embed)
+    assert 0 < kept < embed.cache_numel
+    assert all(tight.cacheable(g) for g in tight.groups if g.name != embed.name)
+    again = [c for c in float_chunks(embed, chunk) if c.offset + c.count > kept]
+    assert len(again) == 2  # the first chunk is kept, the other two are read twice
+    n = len(tight.groups)
+    assert f"({n - 1} of {n} groups read once, 1 partly)" in str(tight)
+
+    reads: list[tuple[str, int, int]] = []
+    real = Checkpoint.read_into
+
+    def read_into(self, info, start, count, raw):
+        reads.append((info.name, start, count * info.dtype.itemsize))
+        return real(self, info, start, count, raw)
+
+    monkeypatch.setattr(Checkpoint, "read_into", read_into)
+    warpmerge.run(cfg, out=tmp_path / "tight", threads=1, chunk=chunk, max_memory=budget)
+    per_chunk = Counter(start for name, start, _ in reads if name == embed.name)
+    assert per_chunk == {c.start: 5 * (2 if c in again else 1)  # init + 2 runs x 2
+                         for c in float_chunks(embed, chunk)}
+    assert sum(n for _, _, n in reads) == tight.read_bytes()
+
+    monkeypatch.setattr(Checkpoint, "read_into", real)
+    warpmerge.run(cfg, out=tmp_path / "roomy", threads=1, chunk=chunk)
+    for f in (tmp_path / "roomy").rglob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "tight" / f.relative_to(tmp_path / "roomy")
+                                  ).read_bytes()
+
+
 def test_a_nan_only_the_saved_ema_reads_is_reported(tmp_path):
     """use: last merges the last checkpoints, but ema.save reads the older ones too: a NaN in
     one of those must be refused, not written into the saved EMA."""

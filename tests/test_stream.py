@@ -82,6 +82,28 @@ def test_work_in_flight_is_bounded_and_holders_are_reused():
     assert len(holders) == (threads + 1) * per_job
 
 
+def test_smaller_jobs_on_request_spread_a_short_stream_over_the_threads():
+    """A group of 4 chunks is one job at 4 per job (one busy thread); at 2 per job, two."""
+    count = iter(range(10**6))
+    pool = OrderedPool(2, 4, Scratch, lambda: next(count))  # holder k of a slot: k mod 4
+    threads: list[int] = []
+
+    def fn(scratch, holder, x):
+        threads.append(threading.get_ident())
+        time.sleep(0.02)  # long enough that the second thread takes the second job
+        return holder % 4
+
+    try:
+        assert list(pool.map(fn, range(6))) == [0, 1, 2, 3, 0, 1]
+        assert list(pool.map(fn, range(6), per_job=2)) == [0, 1, 0, 1, 0, 1]
+        assert list(pool.map(fn, range(3), per_job=8)) == [0, 1, 2]  # never above the pool's
+        threads.clear()
+        list(pool.map(fn, range(4), per_job=2))
+        assert len(set(threads)) == 2
+    finally:
+        pool.close()
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_an_error_comes_out_in_order_and_the_pool_stays_usable(threads):
     pool = make_pool(threads, per_job=2)

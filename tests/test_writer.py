@@ -149,3 +149,44 @@ def test_writer_refuses_tensors_out_of_order_or_too_long(tmp_path):
     w.begin_tensor("model.embed.weight")
     with pytest.raises(RuntimeError, match="more bytes"):
         w.write(b"\0" * 49)
+
+
+def test_written_bytes_go_to_disk_in_the_background(tmp_path, monkeypatch):
+    """Every FLUSH_BYTES written (and at each shard's end) a flush of that shard's descriptor
+    starts on another thread, unless one is still running; the shards are byte for byte what
+    they would be without."""
+    import os
+    import threading
+
+    import warpmerge.writer as writer
+
+    flushed: list[tuple[int, str]] = []
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        flushed.append((os.fstat(fd).st_size, threading.current_thread().name))
+        real(fd)
+
+    monkeypatch.setattr(writer, "FLUSH_BYTES", 16)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    write(tmp_path, TENSORS, 42)
+    assert flushed
+    assert all(name != threading.main_thread().name for _, name in flushed)
+    loaded = {}
+    for name in shard_names(3):
+        loaded.update(load_file(str(tmp_path / name)))
+    assert all(torch.equal(loaded[k], v) for k, v in TENSORS.items())
+
+
+def test_a_failed_background_flush_fails_the_writer(tmp_path, monkeypatch):
+    import os
+
+    import warpmerge.writer as writer
+
+    def fdatasync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer, "FLUSH_BYTES", 16)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    with pytest.raises(OSError, match="Input/output error"):
+        write(tmp_path, TENSORS, 42)

@@ -39,8 +39,11 @@ def describe_plan(plan: Plan) -> str:
     lines.append(f"Groups ({plan.config.slerp.granularity}): {len(g)} — "
                  + ", ".join(x.name for x in g[:4]) + (", ..." if len(g) > 4 else ""))
     cached = sum(1 for x in g if plan.cacheable(x)) if plan.needs_gram else len(g)
+    partly = sum(1 for x in g if plan.needs_gram and not plan.cacheable(x)
+                 and plan.cached_numel(x))
     lines.append(f"Read: {format_bytes(plan.read_bytes())} ({cached} of {len(g)} groups read "
-                 f"once)   Write: {format_bytes(plan.out_bytes)}")
+                 f"once" + (f", {partly} partly" if partly else "")
+                 + f")   Write: {format_bytes(plan.out_bytes)}")
     lines += _space_lines(plan)
     shards = len(plan.layout.shards)
     for d, eta in zip(plan.output_dirs, plan.etas, strict=True):

@@ -117,11 +117,11 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
     """Pass 1 (several runs: the Gram matrix, then the chain coefficients), then pass 2."""
     chunks = s.chunks(group)
     if plan.needs_gram:
-        pass1 = s.cache(group) if plan.cacheable(group) else GroupState()
+        pass1 = s.cache(group) if plan.cached_numel(group) else GroupState()
         partials: list[list[list[float]]] = []
         for c, sums in zip(chunks, s.gram_sums(pass1, chunks), strict=True):
             partials.append(sums)
-            bars.gram.update(_chunk_bytes(plan, c))
+            bars.gram.update(plan.chunk_read_bytes(c))
         M = len(plan.runs)
         pairs = [(i, j) for i in range(M) for j in range(i, M)] + [(M, M)]
         total = {p: math.fsum(x for sums in partials for x in sums[k])
@@ -153,10 +153,6 @@ def _merge_group(plan: Plan, s: Streamer, group: Group, outs: _Outputs,
     for ckpt in plan.inputs.all:  # a group computed from a file that changed meanwhile is void
         ckpt.check_unchanged()
     return GroupResult(group.name, group.float_numel, list(coefs), chain, gram)
-
-
-def _chunk_bytes(plan: Plan, c: Any) -> int:
-    return c.count * sum(ck.read_nbytes(c.info.name) for ck in plan.read_inputs) // c.info.numel
 
 
 def _counters(plan: Plan, progress: Progress) -> _Bars:

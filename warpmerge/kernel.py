@@ -60,7 +60,8 @@ class GroupState:
     """What the kernel knows of the group being merged, fixed for a whole pass.
 
     `cache`, when set, holds θ_init then δ_1..δ_M, each `stride` elements long: pass 1 computes
-    them into it, pass 2 reads them from it instead of the inputs.
+    them into it, pass 2 reads them from it instead of the inputs. A group may be cached only
+    up to `stride`: the chunks past it are computed in the workspace, in both passes.
     """
 
     coefs: tuple[float, ...] = ()  # the chain coefficients c_m (pass 2)
@@ -70,6 +71,10 @@ class GroupState:
     @staticmethod
     def cache_nbytes(n_runs: int, stride: int) -> int:
         return (n_runs + 1) * 4 * stride
+
+    def holds(self, c: Chunk) -> bool:
+        """Whether the cache has room for chunk `c` (it may keep only a group's first chunks)."""
+        return self.cache is not None and c.offset + c.count <= self.stride
 
 
 class Workspace:
@@ -144,7 +149,7 @@ class Kernel:
                 c: Chunk) -> list[torch.Tensor]:
         """Pass 2: θ_init + η·Σ c_m δ_m per η, then θ_init + δ_m per saved EMA."""
         n = c.count
-        if state.cache is not None:  # pass 1 left them there
+        if state.holds(c):  # pass 1 left them there
             init, deltas = self._places(state, work, c)
         else:
             init, deltas = self.task_vectors(state, work, c)
@@ -192,7 +197,7 @@ class Kernel:
                 c: Chunk) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Where a chunk's θ_init and task vectors live: the group cache, or the workspace."""
         n = c.count
-        if state.cache is None:
+        if not state.holds(c):
             return work.init[:n], [work.deltas[m, :n] for m in range(len(self.runs))]
         views = [state.cache[state.stride * k + c.offset:][:n]
                  for k in range(len(self.runs) + 1)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .adapters import AdapterCheckpoint
 from .config import WarpConfig
-from .kernel import BLOCK, GroupState, Results, Workspace, aligned
+from .kernel import BLOCK, Chunk, GroupState, Results, Workspace, aligned, float_chunks
 from .modelfolder import FLOAT_DTYPES, HEAD_NAME, Checkpoint, TensorInfo
 from .ops import ema_coefficients
 from .probes import Machine
@@ -150,12 +150,30 @@ class Plan:
         results = Results.nbytes(self.chunk, self.n_outputs, self.out_itemsize) * JOB_CHUNKS
         return workspace * self.threads + results * (self.threads + 1)
 
-    def cache_bytes(self, group: Group) -> int:
-        return GroupState.cache_nbytes(len(self.runs), group.cache_numel)
+    def cached_numel(self, group: Group) -> int:
+        """Elements of each of the group's vectors (θ_init, δ_1..δ_M) that pass 1 keeps for
+        pass 2: all of them when they fit the memory budget, else the longest prefix that does.
+
+        The chunks past it are read again in pass 2. Keeping a prefix, rather than nothing,
+        spares that second read in proportion: it is what the budget buys on a group too big
+        to keep whole, such as a 256K-vocabulary embedding. Spilling the task vectors to disk
+        instead would write and read back 8 bytes per element and run, more than reading the
+        bf16 inputs again costs unless runs have over four checkpoints each.
+        """
+        if not self.needs_gram:
+            return 0
+        per_element = GroupState.cache_nbytes(len(self.runs), 1)
+        room = max(0, self.max_memory - self.workspace_bytes()) // per_element
+        return min(group.cache_numel, room)
 
     def cacheable(self, group: Group) -> bool:
-        """Whether pass 1 keeps the group's task vectors so that pass 2 reads nothing."""
-        return self.cache_bytes(group) <= self.max_memory - self.workspace_bytes()
+        """Whether pass 1 keeps all of the group's task vectors, so that pass 2 reads nothing."""
+        return self.cached_numel(group) == group.cache_numel
+
+    def chunk_read_bytes(self, c: Chunk) -> int:
+        """Bytes one pass reads from the inputs for chunk `c`."""
+        return (c.count * sum(ck.read_nbytes(c.info.name) for ck in self.read_inputs)
+                // c.info.numel)
 
     def float_read_bytes(self, group: Group) -> int:
         """Bytes one pass over the group's float tensors reads from the inputs."""
@@ -163,11 +181,14 @@ class Plan:
                    for c in self.read_inputs)
 
     def read_bytes(self) -> int:
-        """Bytes read from disk: pass 1 (when needed) plus pass 2 for uncached groups."""
+        """Bytes read from disk: pass 1 (when needed) plus pass 2 for the chunks not cached."""
         total = 0
         for g in self.groups:
-            passes = 2 if self.needs_gram and not self.cacheable(g) else 1
-            total += self.float_read_bytes(g) * passes
+            total += self.float_read_bytes(g)
+            if self.needs_gram and not self.cacheable(g):
+                kept = self.cached_numel(g)
+                total += sum(self.chunk_read_bytes(c) for c in float_chunks(g, self.chunk)
+                             if c.offset + c.count > kept)
             total += sum(t.nbytes for t in g.tensors if not t.is_float)
         return total
 

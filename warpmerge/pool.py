@@ -58,8 +58,11 @@ class OrderedPool(Generic[Scratch, Holder]):
         return mine
 
     def map(self, fn: Callable[[Scratch, Holder, Item], Result],
-            items: Iterable[Item]) -> Iterator[Result]:
+            items: Iterable[Item], per_job: int | None = None) -> Iterator[Result]:
         """fn(scratch, holder, item) for every item, results yielded in item order.
+
+        `per_job` (at most the pool's) makes jobs smaller, so that a short stream of items
+        still keeps every worker busy.
 
         When an item raises, the results of the jobs before its job are yielded, then the
         exception is raised here; the jobs after it are cancelled or waited for (no worker may
@@ -67,6 +70,7 @@ class OrderedPool(Generic[Scratch, Holder]):
         """
         pending: deque[tuple[list[Holder], Future]] = deque()
         items = iter(items)
+        per_job = min(per_job or self.per_job, self.per_job)
 
         def job(slot: list[Holder], batch: list[Item]) -> list[Result]:
             scratch = self.scratch()
@@ -74,7 +78,7 @@ class OrderedPool(Generic[Scratch, Holder]):
 
         def fill() -> None:
             while len(pending) < self.in_flight:
-                batch = list(islice(items, self.per_job))
+                batch = list(islice(items, per_job))
                 if not batch:
                     return
                 slot = self._slots.get()

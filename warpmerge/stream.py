@@ -38,8 +38,9 @@ class Streamer:
         return list(float_chunks(group, self.plan.chunk))
 
     def cache(self, group: Group) -> GroupState:
-        """A state whose cache has room for the group's θ_init and task vectors."""
-        stride = group.cache_numel
+        """A state whose cache has room for as much of the group's θ_init and task vectors as
+        the plan keeps (see Plan.cached_numel)."""
+        stride = self.plan.cached_numel(group)
         need = GroupState.cache_nbytes(len(self.plan.runs), stride) // 4
         if self._store is None or self._store.numel() < need:
             self._store = None  # the old store goes before the new one is made
@@ -48,10 +49,15 @@ class Streamer:
 
     def gram_sums(self, state: GroupState, chunks: list[Chunk]) -> Iterator[list[list[float]]]:
         """Pass 1: each chunk's block partial sums, in chunk order."""
-        return self.pool.map(lambda work, res, c: self.kernel.gram(state, work, res, c), chunks)
+        return self.pool.map(lambda work, res, c: self.kernel.gram(state, work, res, c), chunks,
+                             self._per_job(chunks))
 
     def outputs(self, state: GroupState, chunks: list[Chunk]) -> Iterator[list[torch.Tensor]]:
         """Pass 2: each chunk's output values (one per output model), in chunk order. They
         stay valid until the next one is asked for."""
         return self.pool.map(lambda work, res, c: self.kernel.outputs(state, work, res, c),
-                             chunks)
+                             chunks, self._per_job(chunks))
+
+    def _per_job(self, chunks: list[Chunk]) -> int:
+        """JOB_CHUNKS, or fewer for a group too small to give every thread a full job."""
+        return max(1, min(JOB_CHUNKS, -(-len(chunks) // self.plan.threads)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,45 @@ from .modelfolder import INDEX_FILE
 from .shards import ShardLayout
 
 ShardDone = Callable[[Path, int, int], None]  # (shard path, size, crc32) once it is on disk
+FLUSH_BYTES = 64 << 20  # a shard's bytes are sent to disk in the background every this many
+
+
+class WriteBehind:
+    """Sends a file's written bytes to disk on a background thread while the merge goes on.
+
+    Why: the commit must fsync every output byte before the rename. Left to the end, that
+    fsync is a wait (1.4 s per GB written on the benchmark machine) in which nothing else
+    happens; started as the bytes arrive, it overlaps the arithmetic, and the commit's fsync
+    finds little left.
+    At most one flush per file is in flight. It works on a duplicate descriptor, so the file
+    may be closed meanwhile. A flush that fails is reported by `raise_error`, since a later
+    fsync through another descriptor may not see the error again.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: OSError | None = None
+
+    def kick(self, fd: int) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return  # the next kick covers what is written meanwhile
+        dup = os.dup(fd)
+        self._thread = threading.Thread(target=self._flush, args=(dup,), daemon=True)
+        self._thread.start()
+
+    def _flush(self, fd: int) -> None:
+        try:
+            getattr(os, "fdatasync", os.fsync)(fd)
+        except OSError as exc:
+            self._error = exc
+        finally:
+            os.close(fd)
+
+    def raise_error(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 class ShardedWriter:
@@ -43,6 +83,8 @@ class ShardedWriter:
         self._size = 0
         self._next = 0  # index into self.order of the next tensor
         self._left = 0  # bytes still expected for the current one
+        self._unflushed = 0
+        self._behind = WriteBehind()
 
     def begin_tensor(self, name: str) -> None:
         expected = self.order[self._next]
@@ -82,11 +124,16 @@ class ShardedWriter:
     def _put(self, view: memoryview) -> None:
         self._crc = zlib.crc32(view, self._crc)
         self._size += view.nbytes
+        self._unflushed += view.nbytes
         while view.nbytes:
             view = view[self._file.write(view):]
+        if self._unflushed >= FLUSH_BYTES:
+            self._behind.kick(self._file.fileno())
+            self._unflushed = 0
 
     def _close_file(self) -> None:
-        if self._file is not None:  # flushed once, at commit; --resume re-verifies CRCs
+        if self._file is not None:  # on disk by the commit's fsync; --resume re-verifies CRCs
+            self._behind.kick(self._file.fileno())
             self._file.close()
             self._file = None
             if self.on_shard is not None:
@@ -97,6 +144,7 @@ class ShardedWriter:
         if self._next != len(self.order) or self._left:
             raise RuntimeError("writer closed before every tensor was written")
         self._close_file()
+        self._behind.raise_error()
         index = self.layout.index()
         if index is not None:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
