@@ -335,6 +335,9 @@ def entry() -> None:
     import atexit
 
     gc.disable()  # importing torch makes ~1M objects, and collecting during it costs 0.25 s
+    # numpy's OpenBLAS starts a thread per core on import, which spins for a while (0.1 s of
+    # CPU here); no command does linear algebra in numpy. A user's own setting is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     try:
         main()
         code = 0
