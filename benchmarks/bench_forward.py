@@ -12,6 +12,10 @@ bfloat16 weights are computed in float32 (transformers computes them in bfloat16
 - prefill: logits for every position of one prompt of --prompt tokens;
 - generate: --new greedy tokens after a short prompt, with a KV cache (ours: `Gemma2.generate`;
   transformers: `generate(do_sample=False, use_cache=True)`), stop tokens disabled on both sides.
+- generate floor: what any implementation must do per generated token of one sequence, done
+  --new times: one product of a single row with every weight matrix as stored (the layers'
+  projections and the tied head), nothing else. A decoding step reads every weight once, so
+  this bounds generation from below on the machine, whatever the code around it.
 
     python benchmarks/bench_forward.py --dtype float32 --threads 2 --device cpu
 """
@@ -26,8 +30,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from warpmerge.gemma2 import Gemma2
+from warpmerge.gemma2.model import Linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -95,7 +101,19 @@ def bench_dtype(folder: Path, dtype: torch.dtype, args: argparse.Namespace) -> d
         out = hf.generate(short, max_new_tokens=args.new, do_sample=False, use_cache=True)
         assert out.shape[1] == args.gen_prompt + args.new
 
+    weights = [m.weight for m in ours.modules() if isinstance(m, Linear)]
+    head = ours.lm_head.weight if ours.lm_head is not None else ours.model.embed_tokens.weight
+    rows = [(torch.randn(1, w.shape[1], dtype=w.dtype, device=w.device), w)
+            for w in [*weights, head]]
+
+    def floor_generate() -> None:
+        for _ in range(args.new):
+            for x, w in rows:
+                F.linear(x, w)
+
     with torch.inference_mode():
+        floor_generate()  # warm-up
+        floor_t = []
         # Greedy tokens agree (a cheap sanity check that both run the same model).
         same = torch.equal(
             ours.generate(short, 8, stop_ids=())[0],
@@ -114,8 +132,11 @@ def bench_dtype(folder: Path, dtype: torch.dtype, args: argparse.Namespace) -> d
                 pair = ((ours_t, ours_fn), (hf_t, hf_fn))
                 for times, fn in pair if rep % 2 == 0 else pair[::-1]:
                     times.append(timed(fn))
+                if task == "generate":
+                    floor_t.append(timed(floor_generate))
             results[f"{task}_ours"] = statistics.median(ours_t)
             results[f"{task}_hf"] = statistics.median(hf_t)
+        results["generate_floor"] = statistics.median(floor_t)
     results["greedy_tokens_agree"] = float(same)
     return results
 
@@ -162,6 +183,10 @@ def main() -> None:
             ):
                 ours_s, hf_s = r[f"{task}_ours"], r[f"{task}_hf"]
                 print(f"{name:9} {label:28} {ours_s:8.3f} {hf_s:8.3f} {hf_s / ours_s:8.2f}")
+            floor = r["generate_floor"]
+            print(f"{name:9} {'generate floor (weights only)':28} {floor:8.3f} {'':8} "
+                  f"{'':8}   ours/floor {r['generate_ours'] / floor:.2f}, "
+                  f"hf/floor {r['generate_hf'] / floor:.2f}")
             if not r["greedy_tokens_agree"]:
                 print(f"{name:9} note: greedy tokens differ (ours computes in another dtype?)")
 

@@ -176,3 +176,32 @@ def test_use_last_merges_last_adapters_and_saves_their_emas(tmp_path, peft_truth
         ema = {k: ref_ema(v, [c[k].double() for c in run_ckpts], 0.004, STEPS[run], "init",
                           "ema") for k, v in init.items()}
         assert_close_to(ema_dir, ema)
+
+
+def test_adapter_factors_count_against_the_memory_budget(tmp_path):
+    """The factors held in memory (twice: as read and fused) leave that much less room for
+    the cache: a budget that would keep the largest group whole without them keeps it only in
+    part, or not at all."""
+    from safetensors import safe_open
+
+    runs = ["run-a", "run-b"]
+    setup_runs(tmp_path, runs)
+    cfg = build_config(init="init", policies=[{"checkpoints": f"{r}/checkpoint-*"}
+                                              for r in runs],
+                       slerp={"granularity": "tensor"}, output={"path": "out"}).with_base_dir(
+                           tmp_path)
+    roomy = warpmerge.plan(cfg, threads=1)
+    factors = 0  # the float tensors of every adapter file, read with safetensors
+    for f in tmp_path.glob("run-*/checkpoint-*/adapter_model.safetensors"):
+        with safe_open(str(f), "pt") as h:
+            factors += sum(h.get_tensor(k).float().nbytes for k in h.keys()
+                           if "lora_" in k or "magnitude" in k)
+    assert roomy.adapter_bytes() == 2 * factors
+    biggest = max(roomy.groups, key=lambda g: g.cache_numel)
+    need = roomy.workspace_bytes() + 3 * 4 * biggest.cache_numel
+    assert warpmerge.plan(cfg, threads=1, max_memory=need + roomy.adapter_bytes()).cacheable(
+        biggest)
+    half = 3 * 4 * (biggest.cache_numel // 2)
+    tight = warpmerge.plan(cfg, threads=1, max_memory=need + roomy.adapter_bytes() - half)
+    assert 0 < tight.cached_numel(biggest) < biggest.cache_numel
+    assert not warpmerge.plan(cfg, threads=1, max_memory=need).cacheable(biggest)

@@ -133,6 +133,14 @@ class Adapter:
         """False: the tensor equals the init's in this checkpoint (no need to read anything)."""
         return name in self.edits
 
+    @property
+    def nbytes(self) -> int:
+        """Memory its factors take (a saved full tensor is read from disk when needed)."""
+        return sum(t.numel() * t.element_size() for e in self.edits.values()
+                   for t in (e.magnitude, e.offset,
+                             *((e.low_rank.a, e.low_rank.b) if e.low_rank else ()))
+                   if t is not None)
+
     def delta(self, name: str, start: int, count: int,
               read_init: ReadInit) -> torch.Tensor | None:
         """θ_checkpoint − θ_init for the flat elements [start, start+count) of init tensor

@@ -150,9 +150,16 @@ class Plan:
         results = Results.nbytes(self.chunk, self.n_outputs, self.out_itemsize) * JOB_CHUNKS
         return workspace * self.threads + results * (self.threads + 1)
 
+    def adapter_bytes(self) -> int:
+        """The adapters' factors in memory, counted twice: as read, and as each run's fused
+        product (kernel._fuse), an upper bound."""
+        return 2 * sum(c.adapter.nbytes for c in self.inputs.all
+                       if isinstance(c, AdapterCheckpoint))
+
     def cached_numel(self, group: Group) -> int:
         """Elements of each of the group's vectors (θ_init, δ_1..δ_M) that pass 1 keeps for
-        pass 2: all of them when they fit the memory budget, else the longest prefix that does.
+        pass 2: all of them when they fit the memory budget (less the work buffers and the
+        adapters' factors), else the longest prefix that does.
 
         The chunks past it are read again in pass 2. Keeping a prefix, rather than nothing,
         spares that second read in proportion: it is what the budget buys on a group too big
@@ -163,7 +170,8 @@ class Plan:
         if not self.needs_gram:
             return 0
         per_element = GroupState.cache_nbytes(len(self.runs), 1)
-        room = max(0, self.max_memory - self.workspace_bytes()) // per_element
+        room = max(0, self.max_memory - self.workspace_bytes()
+                   - self.adapter_bytes()) // per_element
         return min(group.cache_numel, room)
 
     def cacheable(self, group: Group) -> bool:
