@@ -30,6 +30,7 @@ class WriteBehind:
     fsync is a wait (1.4 s per GB written on the benchmark machine) in which nothing else
     happens; started as the bytes arrive, it overlaps the arithmetic, and the commit's fsync
     finds little left.
+
     At most one flush per file is in flight. It works on a duplicate descriptor, so the file
     may be closed meanwhile. A flush that fails is reported by `raise_error`, since a later
     fsync through another descriptor may not see the error again.
