@@ -167,12 +167,14 @@ class Plan:
         instead would write and read back 8 bytes per element and run, more than reading the
         bf16 inputs again costs unless runs have over four checkpoints each.
         """
-        if not self.needs_gram:
-            return 0
+        return min(group.cache_numel, self._cache_room) if self.needs_gram else 0
+
+    @cached_property
+    def _cache_room(self) -> int:
+        """Elements per cached vector that the budget leaves room for."""
         per_element = GroupState.cache_nbytes(len(self.runs), 1)
-        room = max(0, self.max_memory - self.workspace_bytes()
+        return max(0, self.max_memory - self.workspace_bytes()
                    - self.adapter_bytes()) // per_element
-        return min(group.cache_numel, room)
 
     def cacheable(self, group: Group) -> bool:
         """Whether pass 1 keeps all of the group's task vectors, so that pass 2 reads nothing."""
