@@ -15,12 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 from warpmerge.demo import DEMO_CONFIG, gemma2_shapes
-from warpmerge.plots import import_matplotlib
-
-# In-process merges draw angles.png here rather than in a painter child, which would import
-# matplotlib afresh for every merge (0.6 s each; the child is tested in test_plots and by the
-# CLI's subprocess tests).
-import_matplotlib()
 
 # the demo's Gemma 2 config, smaller still
 TINY = dict(DEMO_CONFIG, vocab_size=96, hidden_size=32, intermediate_size=48,

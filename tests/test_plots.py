@@ -89,3 +89,31 @@ def test_the_painter_falls_back_when_its_child_is_gone() -> None:
     painter.close()  # killed before the request: the figure is drawn here
     painter.request(groups, ["a", "b"])
     assert painter.result() == angles_png(groups, ["a", "b"])
+
+
+@pytest.mark.slow
+def test_only_a_process_first_merge_has_a_painter_child(tmp_path: Path) -> None:
+    """In a fresh interpreter: the first merge's angles.png comes from a child (matplotlib never
+    imported here); the second merge draws here, importing matplotlib once, not a child per
+    merge. Both figures are the same PNG a child draws."""
+    import subprocess
+    import sys
+
+    from test_engine import make_setup
+
+    make_setup(tmp_path, 2, [2, 2])
+    cfg = tmp_path / "warp.yaml"
+    cfg.write_text("init: init\npolicies:\n  - checkpoints: run0/step-*\n"
+                   "  - checkpoints: run1/step-*\n")
+    script = (
+        "import sys, warpmerge, warpmerge.api as api\n"
+        "r1 = warpmerge.run(sys.argv[1], out=sys.argv[2])\n"
+        "print(len(api._PAINTERS), 'matplotlib.figure' in sys.modules)\n"
+        "r2 = warpmerge.run(sys.argv[1], out=sys.argv[3])\n"
+        "print(len(api._PAINTERS), 'matplotlib.figure' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(cfg), str(tmp_path / "o1"),
+                           str(tmp_path / "o2")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["0 False", "0 True"]
+    assert (tmp_path / "o1" / "angles.png").read_bytes() == (
+        tmp_path / "o2" / "angles.png").read_bytes()

@@ -87,10 +87,7 @@ def run(
     if progress is None:
         progress = silent if quiet else Bars()
     cfg = config if isinstance(config, WarpConfig) else load_config(config)
-    # angles.png: matplotlib imported in a child while the merge runs, unless this process
-    # has it already (then drawing here costs only the drawing)
-    painter = (AnglesPainter() if len(cfg.runs) > 1 and "matplotlib.figure" not in sys.modules
-               else None)
+    painter = _painter() if len(cfg.runs) > 1 else None
     try:
         return _run(cfg, painter, out=out, force=force, threads=threads, quiet=quiet,
                     chunk=chunk, max_memory=max_memory, allow_nonfinite=allow_nonfinite,
@@ -98,6 +95,19 @@ def run(
     finally:
         if painter is not None:
             painter.close()
+
+
+_PAINTERS = [AnglesPainter]  # one child per process (see _painter); emptied when used
+
+
+def _painter() -> AnglesPainter | None:
+    """angles.png drawn by a child that imports matplotlib while the merge runs, for the first
+    merge of a process that has not imported matplotlib. Later merges of the same process (a
+    notebook's) draw here: a child per merge would import matplotlib every time (0.6 s), where
+    this process imports it once."""
+    if "matplotlib.figure" in sys.modules or not _PAINTERS:
+        return None
+    return _PAINTERS.pop()()
 
 
 def _run(cfg: WarpConfig, painter: AnglesPainter | None, *, out: str | Path | None,
