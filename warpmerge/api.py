@@ -97,7 +97,7 @@ def run(
             painter.close()
 
 
-_PAINTERS = [AnglesPainter]  # one child per process (see _painter); emptied when used
+_painter_started = False  # one painter child per process (see _painter)
 
 
 def _painter() -> AnglesPainter | None:
@@ -105,9 +105,11 @@ def _painter() -> AnglesPainter | None:
     merge of a process that has not imported matplotlib. Later merges of the same process (a
     notebook's) draw here: a child per merge would import matplotlib every time (0.6 s), where
     this process imports it once."""
-    if "matplotlib.figure" in sys.modules or not _PAINTERS:
+    global _painter_started
+    if _painter_started or "matplotlib.figure" in sys.modules:
         return None
-    return _PAINTERS.pop()()
+    _painter_started = True
+    return AnglesPainter()
 
 
 def _run(cfg: WarpConfig, painter: AnglesPainter | None, *, out: str | Path | None,

@@ -39,8 +39,7 @@ def describe_plan(plan: Plan) -> str:
     lines.append(f"Groups ({plan.config.slerp.granularity}): {len(g)} — "
                  + ", ".join(x.name for x in g[:4]) + (", ..." if len(g) > 4 else ""))
     cached = sum(1 for x in g if plan.cacheable(x)) if plan.needs_gram else len(g)
-    partly = sum(1 for x in g if plan.needs_gram and not plan.cacheable(x)
-                 and plan.cached_numel(x))
+    partly = sum(1 for x in g if 0 < plan.cached_numel(x) < x.cache_numel)
     lines.append(f"Read: {format_bytes(plan.read_bytes())} ({cached} of {len(g)} groups read "
                  f"once" + (f", {partly} partly" if partly else "")
                  + f")   Write: {format_bytes(plan.out_bytes)}")

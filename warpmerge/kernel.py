@@ -55,6 +55,11 @@ def float_chunks(group: Group, chunk: int) -> Iterator[Chunk]:
         offset += aligned(info.numel)
 
 
+def within(c: Chunk, kept: int) -> bool:
+    """Whether chunk `c` lies wholly in a group's first `kept` cached elements."""
+    return c.offset + c.count <= kept
+
+
 @dataclass(frozen=True)
 class GroupState:
     """What the kernel knows of the group being merged, fixed for a whole pass.
@@ -74,7 +79,7 @@ class GroupState:
 
     def holds(self, c: Chunk) -> bool:
         """Whether the cache has room for chunk `c` (it may keep only a group's first chunks)."""
-        return self.cache is not None and c.offset + c.count <= self.stride
+        return self.cache is not None and within(c, self.stride)
 
 
 class Workspace:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .adapters import AdapterCheckpoint
 from .config import WarpConfig
-from .kernel import BLOCK, Chunk, GroupState, Results, Workspace, aligned, float_chunks
+from .kernel import BLOCK, Chunk, GroupState, Results, Workspace, aligned, float_chunks, within
 from .modelfolder import FLOAT_DTYPES, HEAD_NAME, Checkpoint, TensorInfo
 from .ops import ema_coefficients
 from .probes import Machine
@@ -198,7 +198,7 @@ class Plan:
             if self.needs_gram and not self.cacheable(g):
                 kept = self.cached_numel(g)
                 total += sum(self.chunk_read_bytes(c) for c in float_chunks(g, self.chunk)
-                             if c.offset + c.count > kept)
+                             if not within(c, kept))
             total += sum(t.nbytes for t in g.tensors if not t.is_float)
         return total
 
